@@ -1,0 +1,36 @@
+//! `rupantor`: QLoRA fine-tuning and serving of Gemma models for Bangla-to-Python code
+//! generation (BLP-2025 Task 2).
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod quantize;
+mod safetensors_out;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rupantor",
+    version,
+    about = "QLoRA fine-tuning and serving of Gemma for Bangla-to-Python code generation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Quantize a checkpoint's linear weights to NF4 (bitsandbytes layout), or reverse it.
+    Quantize(quantize::QuantizeArgs),
+    /// Benchmarks that print a ratio against a baseline measured in the same run.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Quantize(args) => quantize::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}
