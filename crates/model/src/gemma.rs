@@ -1,0 +1,871 @@
+//! Gemma-2 and Gemma-3 (text) decoder, one implementation driven by [`ModelConfig`].
+//!
+//! Every op here has a backward in candle (matmul, elementwise, reductions, narrow/cat,
+//! index_select): candle-nn's fused `softmax_last_dim`, `rms_norm` and `rope` kernels have none
+//! and would silently cut the gradient, so softmax, RMSNorm and RoPE are composed by hand.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+use crate::config::{Arch, ModelConfig};
+use crate::linear::Linear;
+
+/// Additive mask value. HF uses `finfo(float32).min` rather than -inf so that a fully masked row
+/// (a left-padding query) softmaxes to a uniform row instead of NaN.
+const MASKED: f32 = f32::MIN;
+
+/// The weights of one decoder layer. Norm weights are the raw checkpoint values `w`
+/// (the model applies `1 + w`).
+#[derive(Debug)]
+pub struct LayerWeights {
+    pub q_proj: Box<dyn Linear>,
+    pub k_proj: Box<dyn Linear>,
+    pub v_proj: Box<dyn Linear>,
+    pub o_proj: Box<dyn Linear>,
+    pub gate_proj: Box<dyn Linear>,
+    pub up_proj: Box<dyn Linear>,
+    pub down_proj: Box<dyn Linear>,
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+    pub pre_feedforward_layernorm: Tensor,
+    pub post_feedforward_layernorm: Tensor,
+    /// Gemma-3 only.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+}
+
+/// Per-layer key/value cache for incremental decoding. Keys are stored after q/k-norm and RoPE.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+
+    /// Number of positions already cached; the next forward must start here.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+    }
+}
+
+/// Gemma RMSNorm: `x / rms(x) * (1 + w)`, in f32 whatever the activation dtype.
+#[derive(Debug)]
+struct RmsNorm {
+    /// `1 + w` in f32, precomputed: the same f32 sum HF forms on every call.
+    scale: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(weight: &Tensor, eps: f64) -> Result<Self> {
+        Ok(Self {
+            scale: (weight.to_dtype(DType::F32)? + 1.0)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        xf.broadcast_mul(&inv_rms)?
+            .broadcast_mul(&self.scale)?
+            .to_dtype(x.dtype())
+    }
+}
+
+/// Softmax over the last dimension from differentiable primitives, in f32.
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let xf = x.to_dtype(DType::F32)?;
+    // The max only stabilises exp(); softmax is invariant to it, so no gradient needs to flow.
+    let max = xf.max_keepdim(D::Minus1)?.detach();
+    let e = xf.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)?.to_dtype(x.dtype())
+}
+
+/// `c * tanh(x / c)`.
+fn softcap(x: &Tensor, cap: Option<f64>) -> Result<Tensor> {
+    match cap {
+        Some(c) => (x / c)?.tanh()? * c,
+        None => Ok(x.clone()),
+    }
+}
+
+/// One RoPE frequency set (a base and a linear scaling factor), shared by all layers using it.
+#[derive(Debug)]
+struct Rope {
+    base: f64,
+    factor: f64,
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    fn new(base: f64, factor: f64, head_dim: usize) -> Self {
+        // Same f32 arithmetic as HF's `1 / base ** (arange(0, dim, 2).float() / dim)`, then
+        // `inv_freq /= factor` for linear scaling.
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| {
+                let e = (2 * i) as f32 / head_dim as f32;
+                1.0f32 / (base as f32).powf(e) / factor as f32
+            })
+            .collect();
+        Self {
+            base,
+            factor,
+            inv_freq,
+        }
+    }
+
+    /// cos/sin tables `[seq, head_dim]` (rotate-half layout: the half-table repeated twice) for
+    /// positions `start..start + seq`, in f32.
+    fn tables(
+        &self,
+        start: usize,
+        seq: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(seq * half * 2);
+        let mut sin = Vec::with_capacity(seq * half * 2);
+        for p in start..start + seq {
+            let angles: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let cos = Tensor::from_vec(cos, (seq, 2 * half), dev)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (seq, 2 * half), dev)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` with `rotate_half(x) = cat(-x2, x1)`; x is `[b, h, s, d]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Box<dyn Linear>,
+    k_proj: Box<dyn Linear>,
+    v_proj: Box<dyn Linear>,
+    o_proj: Box<dyn Linear>,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    softcap: Option<f64>,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, s, nh, hd))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, s, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, s, nkv, hd))?
+            .transpose(1, 2)?;
+        let q = match &self.q_norm {
+            Some(n) => n.forward(&q)?,
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(n) => n.forward(&k)?,
+            None => k,
+        };
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.as_ref() {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                    None => (k.contiguous()?, v.contiguous()?),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let kv_len = k.dim(2)?;
+        // GQA without materialising repeated K/V: query head h uses kv head h / n_rep (HF's
+        // repeat_kv), so grouping the n_rep query heads of each kv head along the row axis
+        // turns attention into one batched matmul per kv head.
+        let n_rep = nh / nkv;
+        let q = q.contiguous()?.reshape((b, nkv, n_rep * s, hd))?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let scores = (scores.reshape((b, nh, s, kv_len))? * self.scale)?;
+        let scores = softcap(&scores, self.softcap)?;
+        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+        let probs = softmax_last_dim(&scores)?;
+        let out = probs
+            .reshape((b, nkv, n_rep * s, kv_len))?
+            .matmul(&v.contiguous()?)?;
+        let out = out
+            .reshape((b, nh, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Box<dyn Linear>,
+    up_proj: Box<dyn Linear>,
+    down_proj: Box<dyn Linear>,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation (HF `gelu_pytorch_tanh`) and has a backward.
+        let h = (self.gate_proj.forward(x)?.gelu()? * self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: RmsNorm,
+    post_feedforward_layernorm: RmsNorm,
+    rope: usize,
+    sliding: bool,
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let h = self.attn.forward(&h, rope, mask, cache)?;
+        let x = (x + self.post_attention_layernorm.forward(&h)?)?;
+        let h = self.pre_feedforward_layernorm.forward(&x)?;
+        let h = self.mlp.forward(&h)?;
+        x + self.post_feedforward_layernorm.forward(&h)?
+    }
+
+    fn linears(&self) -> [&dyn Linear; 7] {
+        [
+            self.attn.q_proj.as_ref(),
+            self.attn.k_proj.as_ref(),
+            self.attn.v_proj.as_ref(),
+            self.attn.o_proj.as_ref(),
+            self.mlp.gate_proj.as_ref(),
+            self.mlp.up_proj.as_ref(),
+            self.mlp.down_proj.as_ref(),
+        ]
+    }
+}
+
+/// A Gemma-2 or Gemma-3 text decoder.
+#[derive(Debug)]
+pub struct Gemma {
+    cfg: ModelConfig,
+    embed_tokens: Tensor,
+    embed_scale: f64,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Box<dyn Linear>,
+    ropes: Vec<Rope>,
+}
+
+fn check_shape(what: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
+    if t.dims() != expected {
+        candle_core::bail!("{what}: expected shape {expected:?}, found {:?}", t.dims());
+    }
+    Ok(())
+}
+
+fn check_linear(what: &str, l: &dyn Linear, out_f: usize, in_f: usize) -> Result<()> {
+    if (l.out_features(), l.in_features()) != (out_f, in_f) {
+        candle_core::bail!(
+            "{what}: expected [out {out_f}, in {in_f}], found [out {}, in {}]",
+            l.out_features(),
+            l.in_features()
+        );
+    }
+    Ok(())
+}
+
+impl Gemma {
+    /// Assembles a model from weights; every shape is checked against `cfg`.
+    /// `embed_tokens` is `[vocab, hidden]`; `lm_head` maps hidden -> vocab (for tied
+    /// checkpoints, a linear over the same embedding matrix).
+    pub fn new(
+        cfg: ModelConfig,
+        embed_tokens: Tensor,
+        layers: Vec<LayerWeights>,
+        final_norm: Tensor,
+        lm_head: Box<dyn Linear>,
+    ) -> Result<Self> {
+        let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        check_shape("embed_tokens", &embed_tokens, &[cfg.vocab_size, hidden])?;
+        check_shape("norm", &final_norm, &[hidden])?;
+        check_linear("lm_head", lm_head.as_ref(), cfg.vocab_size, hidden)?;
+        if layers.len() != cfg.num_hidden_layers {
+            candle_core::bail!(
+                "config has {} layers, got weights for {}",
+                cfg.num_hidden_layers,
+                layers.len()
+            );
+        }
+
+        let mut ropes: Vec<Rope> = Vec::new();
+        let mut built = Vec::with_capacity(layers.len());
+        for (i, (w, lc)) in layers.into_iter().zip(&cfg.layers).enumerate() {
+            let p = |n: &str| format!("layer {i} {n}");
+            check_linear(&p("q_proj"), w.q_proj.as_ref(), nh * hd, hidden)?;
+            check_linear(&p("k_proj"), w.k_proj.as_ref(), nkv * hd, hidden)?;
+            check_linear(&p("v_proj"), w.v_proj.as_ref(), nkv * hd, hidden)?;
+            check_linear(&p("o_proj"), w.o_proj.as_ref(), hidden, nh * hd)?;
+            let inter = cfg.intermediate_size;
+            check_linear(&p("gate_proj"), w.gate_proj.as_ref(), inter, hidden)?;
+            check_linear(&p("up_proj"), w.up_proj.as_ref(), inter, hidden)?;
+            check_linear(&p("down_proj"), w.down_proj.as_ref(), hidden, inter)?;
+            for (n, t) in [
+                ("input_layernorm", &w.input_layernorm),
+                ("post_attention_layernorm", &w.post_attention_layernorm),
+                ("pre_feedforward_layernorm", &w.pre_feedforward_layernorm),
+                ("post_feedforward_layernorm", &w.post_feedforward_layernorm),
+            ] {
+                check_shape(&p(n), t, &[hidden])?;
+            }
+            let qk_norm = |n: &str, t: Option<Tensor>| -> Result<Option<RmsNorm>> {
+                match (cfg.qk_norm, t) {
+                    (true, Some(t)) => {
+                        check_shape(&p(n), &t, &[hd])?;
+                        Ok(Some(RmsNorm::new(&t, cfg.rms_norm_eps)?))
+                    }
+                    (true, None) => candle_core::bail!("{}: required by Gemma-3", p(n)),
+                    (false, Some(_)) => candle_core::bail!("{}: Gemma-2 has no q/k norms", p(n)),
+                    (false, None) => Ok(None),
+                }
+            };
+            let q_norm = qk_norm("q_norm", w.q_norm)?;
+            let k_norm = qk_norm("k_norm", w.k_norm)?;
+
+            let rope = match ropes
+                .iter()
+                .position(|r| r.base == lc.rope_base && r.factor == lc.rope_linear_factor)
+            {
+                Some(idx) => idx,
+                None => {
+                    ropes.push(Rope::new(lc.rope_base, lc.rope_linear_factor, hd));
+                    ropes.len() - 1
+                }
+            };
+            let eps = cfg.rms_norm_eps;
+            built.push(DecoderLayer {
+                attn: Attention {
+                    q_proj: w.q_proj,
+                    k_proj: w.k_proj,
+                    v_proj: w.v_proj,
+                    o_proj: w.o_proj,
+                    q_norm,
+                    k_norm,
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: hd,
+                    scale: cfg.query_pre_attn_scalar.powf(-0.5),
+                    // HF's Gemma-3 attention never passes a softcap to its kernels.
+                    softcap: match cfg.arch {
+                        Arch::Gemma2 => cfg.attn_logit_softcapping,
+                        Arch::Gemma3 => None,
+                    },
+                },
+                mlp: Mlp {
+                    gate_proj: w.gate_proj,
+                    up_proj: w.up_proj,
+                    down_proj: w.down_proj,
+                },
+                input_layernorm: RmsNorm::new(&w.input_layernorm, eps)?,
+                post_attention_layernorm: RmsNorm::new(&w.post_attention_layernorm, eps)?,
+                pre_feedforward_layernorm: RmsNorm::new(&w.pre_feedforward_layernorm, eps)?,
+                post_feedforward_layernorm: RmsNorm::new(&w.post_feedforward_layernorm, eps)?,
+                rope,
+                sliding: lc.is_sliding,
+            });
+        }
+        Ok(Self {
+            // HF builds sqrt(hidden) as a tensor and casts it to the embedding dtype; candle's
+            // scalar multiply rounds the f64 to the tensor dtype the same way.
+            embed_scale: (hidden as f64).sqrt(),
+            norm: RmsNorm::new(&final_norm, cfg.rms_norm_eps)?,
+            cfg,
+            embed_tokens,
+            layers: built,
+            lm_head,
+            ropes,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// The `[vocab, hidden]` input embedding (frozen).
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    pub fn lm_head(&self) -> &dyn Linear {
+        self.lm_head.as_ref()
+    }
+
+    /// An empty cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Every trainable variable of every linear layer (including the lm_head).
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        self.layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .chain(std::iter::once(self.lm_head.as_ref()))
+            .flat_map(|l| l.trainable_vars())
+            .collect()
+    }
+
+    /// Logits `[batch, seq, vocab]` for every position.
+    ///
+    /// * `input_ids`: `[batch, seq]`, u32 (or any index dtype candle accepts).
+    /// * `start_pos`: absolute position of the first token (RoPE and masks); with a cache it must
+    ///   equal `cache.len()`.
+    /// * `cache`: appended to with this call's keys/values.
+    /// * `attention_mask`: `[batch, cache.len() + seq]`, non-zero = real token, zero = padding
+    ///   (left padding for batched prompts).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
+        cache: Option<&mut KvCache>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, start_pos, cache, attention_mask)?;
+        self.logits(&hidden)
+    }
+
+    /// lm_head + final softcap over final-normed hidden states `[.., hidden]`; split from
+    /// [`Gemma::forward_hidden`] so a loss can run over chunks of positions.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        softcap(
+            &self.lm_head.forward(hidden)?,
+            self.cfg.final_logit_softcapping,
+        )
+    }
+
+    /// Final-normed hidden states `[batch, seq, hidden]`; arguments as [`Gemma::forward`].
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
+        mut cache: Option<&mut KvCache>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if s == 0 {
+            candle_core::bail!("forward needs at least one token");
+        }
+        let past = match cache.as_deref() {
+            Some(c) => {
+                if c.layers.len() != self.layers.len() {
+                    candle_core::bail!(
+                        "kv cache has {} layers, model {}",
+                        c.layers.len(),
+                        self.layers.len()
+                    );
+                }
+                if c.len != start_pos {
+                    candle_core::bail!("start_pos {start_pos} but the cache holds {}", c.len);
+                }
+                c.len
+            }
+            None => 0,
+        };
+        let kv_len = past + s;
+        let keep = match attention_mask {
+            Some(m) => {
+                if m.dims() != [b, kv_len] {
+                    candle_core::bail!(
+                        "attention_mask must be [batch {b}, cached + new {kv_len}], got {:?}",
+                        m.dims()
+                    );
+                }
+                Some(m.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+            }
+            None => None,
+        };
+        let dev = self.device();
+        let dtype = self.embed_tokens.dtype();
+        let mask_for = |window: Option<usize>| {
+            build_mask(
+                b,
+                s,
+                kv_len,
+                start_pos,
+                start_pos - past,
+                window,
+                keep.as_deref(),
+                dev,
+            )
+        };
+        let full_mask = mask_for(None)?;
+        let sliding_mask = mask_for(Some(self.cfg.sliding_window))?;
+        let tables = self
+            .ropes
+            .iter()
+            .map(|r| r.tables(start_pos, s, dtype, dev))
+            .collect::<Result<Vec<_>>>()?;
+
+        let ids = input_ids.flatten_all()?;
+        let mut x =
+            (self
+                .embed_tokens
+                .index_select(&ids, 0)?
+                .reshape((b, s, self.cfg.hidden_size))?
+                * self.embed_scale)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mask = if layer.sliding {
+                &sliding_mask
+            } else {
+                &full_mask
+            };
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, &tables[layer.rope], mask, slot)?;
+        }
+        if let Some(c) = cache {
+            c.len = kv_len;
+        }
+        self.norm.forward(&x)
+    }
+}
+
+/// Additive attention mask `[batch or 1, 1, seq, kv_len]`: 0 where query `i` (absolute
+/// position `start_pos + i`) may see key `j` (absolute `key_offset + j`), [`MASKED`] elsewhere.
+/// The window counts absolute indices (padding included), as HF's mask does.
+#[allow(clippy::too_many_arguments)]
+fn build_mask(
+    b: usize,
+    s: usize,
+    kv_len: usize,
+    start_pos: usize,
+    key_offset: usize,
+    window: Option<usize>,
+    keep: Option<&[Vec<f32>]>,
+    dev: &Device,
+) -> Result<Tensor> {
+    let rows = if keep.is_some() { b } else { 1 };
+    let mut m = Vec::with_capacity(rows * s * kv_len);
+    for r in 0..rows {
+        for i in 0..s {
+            let qp = start_pos + i;
+            for j in 0..kv_len {
+                let kp = key_offset + j;
+                let visible = kp <= qp
+                    && window.is_none_or(|w| qp - kp < w)
+                    && keep.is_none_or(|k| k[r][j] != 0.0);
+                m.push(if visible { 0.0 } else { MASKED });
+            }
+        }
+    }
+    Tensor::from_vec(m, (rows, 1, s, kv_len), dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::linear::{DenseLinear, Linear};
+
+    fn tiny_config(layer_types: &str, arch: &str) -> ModelConfig {
+        ModelConfig::from_json_str(&format!(
+            r#"{{"model_type": "{arch}", "vocab_size": 50, "hidden_size": 16,
+                "intermediate_size": 32, "num_hidden_layers": {n}, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 8, "query_pre_attn_scalar": 12,
+                "sliding_window": 3, "layer_types": {layer_types}}}"#,
+            n = layer_types.matches("attention").count()
+        ))
+        .unwrap()
+    }
+
+    /// Deterministic pseudo-random weights (no RNG crate needed).
+    fn filled(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn random_model(cfg: ModelConfig) -> Gemma {
+        let (h, hd, nh, nkv, inter) = (
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size,
+        );
+        let mut seed = 0;
+        let mut next = |shape: &[usize], scale: f32| {
+            seed += 1;
+            filled(shape, seed, scale)
+        };
+        let mut lin = |o: usize, i: usize| -> Box<dyn Linear> {
+            Box::new(DenseLinear::new(next(&[o, i], 0.3)).unwrap())
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| LayerWeights {
+                q_proj: lin(nh * hd, h),
+                k_proj: lin(nkv * hd, h),
+                v_proj: lin(nkv * hd, h),
+                o_proj: lin(h, nh * hd),
+                gate_proj: lin(inter, h),
+                up_proj: lin(inter, h),
+                down_proj: lin(h, inter),
+                input_layernorm: filled(&[h], 100, 0.5),
+                post_attention_layernorm: filled(&[h], 101, 0.5),
+                pre_feedforward_layernorm: filled(&[h], 102, 0.5),
+                post_feedforward_layernorm: filled(&[h], 103, 0.5),
+                q_norm: cfg.qk_norm.then(|| filled(&[hd], 104, 0.5)),
+                k_norm: cfg.qk_norm.then(|| filled(&[hd], 105, 0.5)),
+            })
+            .collect();
+        let embed = filled(&[cfg.vocab_size, h], 7, 1.0);
+        let head = Box::new(DenseLinear::new(embed.clone()).unwrap());
+        Gemma::new(cfg, embed, layers, filled(&[h], 8, 0.5), head).unwrap()
+    }
+
+    fn ids(rows: &[&[u32]]) -> Tensor {
+        Tensor::new(
+            rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn rms_norm_matches_formula() -> Result<()> {
+        let x = Tensor::new(&[[3f32, 4.]], &Device::Cpu)?;
+        let n = RmsNorm::new(&Tensor::new(&[0f32, 1.], &Device::Cpu)?, 0.0)?;
+        // rms = sqrt(12.5); scale = (1, 2)
+        let y = n.forward(&x)?.to_vec2::<f32>()?;
+        let r = 12.5f32.sqrt();
+        assert!((y[0][0] - 3.0 / r).abs() < 1e-6 && (y[0][1] - 8.0 / r).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn composed_softmax_matches_candle_nn() -> Result<()> {
+        let x = filled(&[3, 7], 3, 20.0);
+        let ours = softmax_last_dim(&x)?;
+        let theirs = candle_nn::ops::softmax_last_dim(&x)?;
+        assert!(max_abs_diff(&ours, &theirs) < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn rope_rotates_pairs_half_apart() -> Result<()> {
+        let rope = Rope::new(10_000.0, 1.0, 4);
+        let (cos, sin) = rope.tables(1, 1, DType::F32, &Device::Cpu)?;
+        let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu)?.reshape((1, 1, 1, 4))?;
+        let y = apply_rope(&x, &cos, &sin)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        // Pairs (x0, x2) and (x1, x3) rotate by angles 1 and 1/100 at position 1.
+        let (a0, a1) = (1f32, 0.01f32);
+        let want = [
+            1.0 * a0.cos() - 3.0 * a0.sin(),
+            2.0 * a1.cos() - 4.0 * a1.sin(),
+            3.0 * a0.cos() + 1.0 * a0.sin(),
+            4.0 * a1.cos() + 2.0 * a1.sin(),
+        ];
+        for (g, w) in y.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{y:?} vs {want:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn linear_rope_scaling_divides_positions() -> Result<()> {
+        let plain = Rope::new(10_000.0, 1.0, 8);
+        let scaled = Rope::new(10_000.0, 4.0, 8);
+        let (c1, s1) = plain.tables(2, 1, DType::F32, &Device::Cpu)?;
+        let (c2, s2) = scaled.tables(8, 1, DType::F32, &Device::Cpu)?;
+        assert!(max_abs_diff(&c1, &c2) < 1e-6 && max_abs_diff(&s1, &s2) < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn kv_cache_decoding_matches_full_forward() -> Result<()> {
+        for arch in ["gemma2", "gemma3_text"] {
+            let m = random_model(tiny_config(
+                r#"["sliding_attention", "full_attention"]"#,
+                arch,
+            ));
+            let toks: &[u32] = &[3, 9, 27, 4, 1, 44, 10, 2];
+            let full = m.forward(&ids(&[toks]), 0, None, None)?;
+            let mut cache = m.new_cache();
+            let prefill = m.forward(&ids(&[&toks[..5]]), 0, Some(&mut cache), None)?;
+            let mut parts = vec![prefill];
+            for (i, &t) in toks[5..].iter().enumerate() {
+                parts.push(m.forward(&ids(&[&[t]]), 5 + i, Some(&mut cache), None)?);
+            }
+            assert_eq!(cache.len(), toks.len());
+            let inc = Tensor::cat(&parts, 1)?;
+            let d = max_abs_diff(&full, &inc);
+            assert!(d < 1e-4, "{arch}: cached decoding differs by {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn kv_cache_rejects_wrong_start() -> Result<()> {
+        let m = random_model(tiny_config(r#"["full_attention"]"#, "gemma2"));
+        let mut cache = m.new_cache();
+        m.forward(&ids(&[&[1, 2]]), 0, Some(&mut cache), None)?;
+        let e = m
+            .forward(&ids(&[&[3]]), 5, Some(&mut cache), None)
+            .unwrap_err();
+        assert!(e.to_string().contains("cache holds 2"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn left_padding_is_invisible_to_real_tokens() -> Result<()> {
+        let m = random_model(tiny_config(
+            r#"["sliding_attention", "full_attention"]"#,
+            "gemma3_text",
+        ));
+        let real: &[u32] = &[5, 6, 7, 8, 9];
+        let alone = m.forward(&ids(&[real]), 0, None, None)?;
+        let batch = ids(&[&[0, 0, 5, 6, 7, 8, 9], &[1, 2, 3, 4, 5, 6, 7]]);
+        let mask = Tensor::new(&[[0u32, 0, 1, 1, 1, 1, 1], [1; 7]], &Device::Cpu)?;
+        let padded = m.forward(&batch, 0, None, Some(&mask))?;
+        let row = padded.narrow(0, 0, 1)?.narrow(1, 2, 5)?;
+        // RoPE is relative, so shifting every real token by two positions changes nothing
+        // beyond rounding.
+        let d = max_abs_diff(&alone, &row);
+        assert!(d < 1e-4, "padding leaked: {d}");
+        assert!(padded
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|v| v.is_finite()));
+        Ok(())
+    }
+
+    #[test]
+    fn sliding_window_hides_old_tokens_only_on_sliding_layers() -> Result<()> {
+        // One layer, window 3: position 5 sees positions 3..=5 only.
+        let a: &[u32] = &[1, 2, 3, 4, 5, 6];
+        let b: &[u32] = &[40, 2, 3, 4, 5, 6];
+        let sliding = random_model(tiny_config(r#"["sliding_attention"]"#, "gemma2"));
+        let la = sliding
+            .forward(&ids(&[a]), 0, None, None)?
+            .narrow(1, 5, 1)?;
+        let lb = sliding
+            .forward(&ids(&[b]), 0, None, None)?
+            .narrow(1, 5, 1)?;
+        assert_eq!(max_abs_diff(&la, &lb), 0.0);
+        let global = random_model(tiny_config(r#"["full_attention"]"#, "gemma2"));
+        let la = global.forward(&ids(&[a]), 0, None, None)?.narrow(1, 5, 1)?;
+        let lb = global.forward(&ids(&[b]), 0, None, None)?.narrow(1, 5, 1)?;
+        assert!(max_abs_diff(&la, &lb) > 1e-4);
+        Ok(())
+    }
+
+    #[test]
+    fn final_softcap_bounds_logits() -> Result<()> {
+        let m = random_model(tiny_config(r#"["full_attention"]"#, "gemma2"));
+        let cap = m.config().final_logit_softcapping.unwrap() as f32;
+        let logits = m.forward(&ids(&[&[1, 2, 3]]), 0, None, None)?;
+        let v = logits.flatten_all()?.to_vec1::<f32>()?;
+        assert!(v.iter().all(|x| x.abs() <= cap));
+        Ok(())
+    }
+
+    #[test]
+    fn new_rejects_misshapen_weights() {
+        let cfg = tiny_config(r#"["full_attention"]"#, "gemma2");
+        let embed = filled(&[cfg.vocab_size, 8], 1, 1.0);
+        let head = Box::new(DenseLinear::new(embed.clone()).unwrap());
+        let e = Gemma::new(cfg, embed, vec![], filled(&[16], 2, 1.0), head).unwrap_err();
+        assert!(e.to_string().contains("embed_tokens"), "{e}");
+    }
+}

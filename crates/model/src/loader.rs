@@ -1,0 +1,432 @@
+//! Loads a Gemma model from a Hugging Face model directory.
+//!
+//! `config.json` plus `model.safetensors` or the shards named by `model.safetensors.index.json`.
+//! Shards are memory-mapped and tensors are converted to f32 one at a time and handed straight
+//! to the [`LinearBuilder`], so a quantizing builder keeps peak memory near one f32 tensor plus
+//! whatever it retains.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, SafeTensorError};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::{ConfigError, ModelConfig};
+use crate::gemma::{Gemma, LayerWeights};
+use crate::linear::{DenseBuilder, Linear, LinearBuilder, LinearRole, LinearWeight};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Where the text decoder lives: text-only checkpoints, then the two layouts of multimodal
+/// Gemma-3 (transformers 4.x and 5.x).
+const PREFIXES: [&str; 3] = ["model.", "language_model.model.", "model.language_model."];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{}: no config.json; expected a Hugging Face model directory", dir.display())]
+    MissingConfig { dir: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("{}: no {SINGLE_FILE} or {INDEX_FILE}", dir.display())]
+    MissingWeights { dir: PathBuf },
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: invalid safetensors index: {source}", path.display())]
+    Index {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{}: truncated or corrupt safetensors file: {source}", file.display())]
+    Corrupt {
+        file: PathBuf,
+        #[source]
+        source: SafeTensorError,
+    },
+    #[error("tensor `{name}` not found in {}", display_paths(searched))]
+    MissingTensor {
+        name: String,
+        searched: Vec<PathBuf>,
+    },
+    #[error(
+        "tensor `{name}` in {}: shape {found:?} disagrees with config.json (expected {expected:?})",
+        file.display()
+    )]
+    ShapeMismatch {
+        name: String,
+        file: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error(
+        "tensor `{name}` in {}: unsupported dtype {dtype} (expected F32, F16 or BF16)",
+        file.display()
+    )]
+    UnsupportedDtype {
+        name: String,
+        file: PathBuf,
+        dtype: String,
+    },
+    #[error("building `{name}`: {source}")]
+    Build {
+        name: String,
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Byte offset of the data section (8-byte length + JSON header).
+    data_start: usize,
+    meta: Metadata,
+}
+
+/// A set of memory-mapped safetensors files, addressed by tensor name.
+pub struct SafetensorsStore {
+    shards: Vec<Shard>,
+    names: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for SafetensorsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsStore")
+            .field("files", &self.files())
+            .field("tensors", &self.names.len())
+            .finish()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Index {
+    weight_map: HashMap<String, String>,
+}
+
+impl SafetensorsStore {
+    /// `model.safetensors` if present, else every shard named by `model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<Self, LoadError> {
+        let single = dir.join(SINGLE_FILE);
+        if single.is_file() {
+            return Self::open(&[single]);
+        }
+        let index_path = dir.join(INDEX_FILE);
+        if !index_path.is_file() {
+            return Err(LoadError::MissingWeights {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let text = std::fs::read_to_string(&index_path).map_err(|source| LoadError::Io {
+            path: index_path.clone(),
+            source,
+        })?;
+        let index: Index = serde_json::from_str(&text).map_err(|source| LoadError::Index {
+            path: index_path.clone(),
+            source,
+        })?;
+        let files: BTreeSet<&String> = index.weight_map.values().collect();
+        let paths: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
+        Self::open(&paths)
+    }
+
+    /// Maps and validates each file's header (offsets must exactly cover the file, so truncated
+    /// files are caught here, before any tensor is read).
+    pub fn open(paths: &[PathBuf]) -> Result<Self, LoadError> {
+        let mut shards = Vec::with_capacity(paths.len());
+        let mut names = HashMap::new();
+        for path in paths {
+            let io = |source| LoadError::Io {
+                path: path.clone(),
+                source,
+            };
+            let file = File::open(path).map_err(io)?;
+            // SAFETY: the mapping is read-only; as with every mmap-based safetensors reader, the
+            // file must not be modified while the model loads.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+            let (header_len, meta) =
+                SafeTensors::read_metadata(&mmap).map_err(|source| LoadError::Corrupt {
+                    file: path.clone(),
+                    source,
+                })?;
+            for name in meta.tensors().keys() {
+                names.insert(name.clone(), shards.len());
+            }
+            shards.push(Shard {
+                path: path.clone(),
+                mmap,
+                data_start: 8 + header_len,
+                meta,
+            });
+        }
+        Ok(Self { shards, names })
+    }
+
+    pub fn files(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().map(String::as_str)
+    }
+
+    fn missing(&self, name: &str) -> LoadError {
+        LoadError::MissingTensor {
+            name: name.to_string(),
+            searched: self.shards.iter().map(|s| s.path.clone()).collect(),
+        }
+    }
+
+    /// Shape as stored, without reading data.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
+        let shard = &self.shards[*self.names.get(name).ok_or_else(|| self.missing(name))?];
+        Ok(shard
+            .meta
+            .info(name)
+            .ok_or_else(|| self.missing(name))?
+            .shape
+            .clone())
+    }
+
+    /// Reads one tensor as f32 on the host, checking its shape first.
+    pub fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Tensor, LoadError> {
+        let shard = &self.shards[*self.names.get(name).ok_or_else(|| self.missing(name))?];
+        let info = shard.meta.info(name).ok_or_else(|| self.missing(name))?;
+        if info.shape != expected {
+            return Err(LoadError::ShapeMismatch {
+                name: name.to_string(),
+                file: shard.path.clone(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = &shard.mmap[shard.data_start + start..shard.data_start + end];
+        let data = bytes_to_f32(info.dtype, bytes).ok_or_else(|| LoadError::UnsupportedDtype {
+            name: name.to_string(),
+            file: shard.path.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        Tensor::from_vec(data, expected, &Device::Cpu).map_err(|source| LoadError::Build {
+            name: name.to_string(),
+            source,
+        })
+    }
+}
+
+/// Little-endian F32/F16/BF16 bytes to f32; `None` for other dtypes. Works on unaligned data
+/// (safetensors headers are not always padded to the element size).
+fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    match dtype {
+        Dtype::F32 => Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        Dtype::BF16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        ),
+        Dtype::F16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// Reads and resolves `dir/config.json`.
+pub fn load_config(dir: &Path) -> Result<ModelConfig, LoadError> {
+    let path = dir.join(CONFIG_FILE);
+    if !path.is_file() {
+        return Err(LoadError::MissingConfig {
+            dir: dir.to_path_buf(),
+        });
+    }
+    ModelConfig::from_file(&path).map_err(|source| LoadError::Config { path, source })
+}
+
+/// Loads an HF model directory with dense f32 linears on `device`.
+pub fn load_gemma(dir: &Path, device: &Device) -> Result<Gemma, LoadError> {
+    load_gemma_with(dir, device, &mut DenseBuilder::new(device))
+}
+
+/// Loads an HF model directory; every linear weight goes through `builder`.
+pub fn load_gemma_with(
+    dir: &Path,
+    device: &Device,
+    builder: &mut dyn LinearBuilder,
+) -> Result<Gemma, LoadError> {
+    let cfg = load_config(dir)?;
+    let store = SafetensorsStore::open_dir(dir)?;
+    build_gemma(cfg, &store, device, builder)
+}
+
+/// Builds the model from an open store: one tensor at a time, norms and embedding moved to
+/// `device`, linear weights passed to `builder` on the host.
+pub fn build_gemma(
+    cfg: ModelConfig,
+    store: &SafetensorsStore,
+    device: &Device,
+    builder: &mut dyn LinearBuilder,
+) -> Result<Gemma, LoadError> {
+    let prefix = PREFIXES
+        .iter()
+        .find(|p| store.contains(&format!("{p}embed_tokens.weight")))
+        .ok_or_else(|| store.missing("model.embed_tokens.weight"))?;
+    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let q_out = cfg.num_attention_heads * hd;
+    let kv_out = cfg.num_key_value_heads * hd;
+    let on_device = |name: String, shape: &[usize]| -> Result<Tensor, LoadError> {
+        let t = store.load_f32(&name, shape)?;
+        to_device(&name, t, device)
+    };
+
+    let embed_name = format!("{prefix}embed_tokens.weight");
+    let embed_host = store.load_f32(&embed_name, &[cfg.vocab_size, h])?;
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("{prefix}layers.{i}.");
+        let attn = |n: &str| format!("{p}self_attn.{n}.weight");
+        let mlp = |n: &str| format!("{p}mlp.{n}.weight");
+        let mut linear = |name: String, role: LinearRole, shape: [usize; 2]| {
+            let weight = store.load_f32(&name, &shape)?;
+            build_linear(builder, name, role, Some(i), weight)
+        };
+        let q_proj = linear(attn("q_proj"), LinearRole::QProj, [q_out, h])?;
+        let k_proj = linear(attn("k_proj"), LinearRole::KProj, [kv_out, h])?;
+        let v_proj = linear(attn("v_proj"), LinearRole::VProj, [kv_out, h])?;
+        let o_proj = linear(attn("o_proj"), LinearRole::OProj, [h, q_out])?;
+        let gate_proj = linear(mlp("gate_proj"), LinearRole::GateProj, [inter, h])?;
+        let up_proj = linear(mlp("up_proj"), LinearRole::UpProj, [inter, h])?;
+        let down_proj = linear(mlp("down_proj"), LinearRole::DownProj, [h, inter])?;
+        let norm = |n: &str| on_device(format!("{p}{n}.weight"), &[h]);
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (
+                Some(on_device(attn("q_norm"), &[hd])?),
+                Some(on_device(attn("k_norm"), &[hd])?),
+            )
+        } else {
+            (None, None)
+        };
+        layers.push(LayerWeights {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            gate_proj,
+            up_proj,
+            down_proj,
+            input_layernorm: norm("input_layernorm")?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
+            post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
+            q_norm,
+            k_norm,
+        });
+    }
+    let final_norm = on_device(format!("{prefix}norm.weight"), &[h])?;
+
+    let lm_head = if cfg.tie_word_embeddings {
+        // The same host tensor: a dense builder shares the embedding's storage.
+        build_linear(
+            builder,
+            embed_name.clone(),
+            LinearRole::LmHead,
+            None,
+            embed_host.clone(),
+        )?
+    } else {
+        let name = ["lm_head.weight", "language_model.lm_head.weight"]
+            .into_iter()
+            .find(|n| store.contains(n))
+            .ok_or_else(|| store.missing("lm_head.weight"))?;
+        let weight = store.load_f32(name, &[cfg.vocab_size, h])?;
+        build_linear(builder, name.to_string(), LinearRole::LmHead, None, weight)?
+    };
+    let embed = to_device(&embed_name, embed_host, device)?;
+    Gemma::new(cfg, embed, layers, final_norm, lm_head).map_err(|source| LoadError::Build {
+        name: "model".into(),
+        source,
+    })
+}
+
+fn to_device(name: &str, t: Tensor, device: &Device) -> Result<Tensor, LoadError> {
+    t.to_device(device).map_err(|source| LoadError::Build {
+        name: name.to_string(),
+        source,
+    })
+}
+
+fn build_linear(
+    builder: &mut dyn LinearBuilder,
+    name: String,
+    role: LinearRole,
+    layer: Option<usize>,
+    weight: Tensor,
+) -> Result<Box<dyn Linear>, LoadError> {
+    builder
+        .build(LinearWeight {
+            name: name.clone(),
+            role,
+            layer,
+            weight,
+        })
+        .map_err(|source| LoadError::Build { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converts_half_precisions() {
+        let vals = [1.5f32, -2.25, 0.0];
+        let bf: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let f16: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let f32b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(bytes_to_f32(Dtype::BF16, &bf).unwrap(), vals);
+        assert_eq!(bytes_to_f32(Dtype::F16, &f16).unwrap(), vals);
+        assert_eq!(bytes_to_f32(Dtype::F32, &f32b).unwrap(), vals);
+        // Unaligned start must work too.
+        let mut shifted = vec![0u8];
+        shifted.extend(&f32b);
+        assert_eq!(bytes_to_f32(Dtype::F32, &shifted[1..]).unwrap(), vals);
+        assert!(bytes_to_f32(Dtype::U8, &[1, 2]).is_none());
+    }
+}
