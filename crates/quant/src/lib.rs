@@ -6,6 +6,8 @@
 pub mod bench;
 pub mod blockwise8;
 pub mod bnb_layout;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod nf4;
 pub mod torch_compat;
 
