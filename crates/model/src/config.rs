@@ -38,6 +38,67 @@ pub enum ConfigError {
     },
     #[error("invalid config: {0}")]
     Invalid(String),
+    #[error(
+        "unsupported quantization_config: {0} (supported: bitsandbytes 4-bit NF4 with double \
+         quantization, i.e. the `*-bnb-4bit` checkpoints)"
+    )]
+    UnsupportedQuantization(String),
+}
+
+/// `quantization_config` of a checkpoint saved pre-quantized (transformers'
+/// `BitsAndBytesConfig.to_dict()`; other methods only need `quant_method` to be rejected).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct QuantizationConfig {
+    pub quant_method: Option<String>,
+    pub load_in_4bit: Option<bool>,
+    /// Newer transformers write the flags with a leading underscore as well.
+    #[serde(rename = "_load_in_4bit")]
+    pub load_in_4bit_private: Option<bool>,
+    pub load_in_8bit: Option<bool>,
+    #[serde(rename = "_load_in_8bit")]
+    pub load_in_8bit_private: Option<bool>,
+    pub bnb_4bit_quant_type: Option<String>,
+    pub bnb_4bit_use_double_quant: Option<bool>,
+    /// Element type the packed codes are stored as; only `uint8` (the default) is read.
+    pub bnb_4bit_quant_storage: Option<String>,
+}
+
+/// How the linear weights of a checkpoint are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// bitsandbytes NF4, blocksize 64, double-quantized absmax: each quantized `W` comes with
+    /// `W.absmax`, `W.quant_map`, `W.nested_absmax`, `W.nested_quant_map` and
+    /// `W.quant_state.bitsandbytes__nf4`.
+    BitsAndBytesNf4,
+}
+
+impl QuantizationConfig {
+    fn resolve(&self) -> Result<Quantization, ConfigError> {
+        let bad = |m: String| Err(ConfigError::UnsupportedQuantization(m));
+        match self.quant_method.as_deref() {
+            Some("bitsandbytes") => {}
+            Some(other) => return bad(format!("quant_method {other:?}")),
+            None => return bad("no quant_method".into()),
+        }
+        if self.load_in_8bit.or(self.load_in_8bit_private) == Some(true) {
+            return bad("bitsandbytes 8-bit (LLM.int8) weights".into());
+        }
+        if self.load_in_4bit.or(self.load_in_4bit_private) != Some(true) {
+            return bad("bitsandbytes without load_in_4bit".into());
+        }
+        match self.bnb_4bit_quant_type.as_deref() {
+            Some("nf4") => {}
+            other => return bad(format!("bnb_4bit_quant_type {other:?}")),
+        }
+        if self.bnb_4bit_use_double_quant != Some(true) {
+            return bad("bnb_4bit_use_double_quant is not true".into());
+        }
+        match self.bnb_4bit_quant_storage.as_deref() {
+            None | Some("uint8") => {}
+            Some(other) => return bad(format!("bnb_4bit_quant_storage {other:?}")),
+        }
+        Ok(Quantization::BitsAndBytesNf4)
+    }
 }
 
 /// Which family the checkpoint belongs to; decides defaults and the q/k-norm weights.
@@ -165,6 +226,7 @@ pub struct GemmaConfig {
     pub rope_scaling: Option<RopeParameters>,
     pub rope_parameters: Option<RopeParametersField>,
     pub text_config: Option<Box<GemmaConfig>>,
+    pub quantization_config: Option<QuantizationConfig>,
 }
 
 /// Per-layer facts the forward pass needs.
@@ -204,6 +266,8 @@ pub struct ModelConfig {
     /// Gemma-3 normalises q and k per head before RoPE.
     pub qk_norm: bool,
     pub layers: Vec<LayerConfig>,
+    /// `None`: linear weights are stored as F32/F16/BF16.
+    pub quantization: Option<Quantization>,
 }
 
 impl ModelConfig {
@@ -448,6 +512,13 @@ impl GemmaConfig {
                 .unwrap_or(d.max_position_embeddings),
             qk_norm: arch == Arch::Gemma3,
             layers,
+            // Multimodal checkpoints keep it on the wrapper, next to `text_config`.
+            quantization: self
+                .quantization_config
+                .as_ref()
+                .or(c.quantization_config.as_ref())
+                .map(QuantizationConfig::resolve)
+                .transpose()?,
         })
     }
 
@@ -808,6 +879,80 @@ mod tests {
         ] {
             let e = ModelConfig::from_json_str(j).unwrap_err();
             assert!(e.to_string().contains(needle), "{j}: {e}");
+        }
+    }
+
+    /// The `quantization_config` of unsloth/gemma-2-9b-it-bnb-4bit (transformers 4.44).
+    const BNB_4BIT: &str = r#"{
+        "_load_in_4bit": true,
+        "_load_in_8bit": false,
+        "bnb_4bit_compute_dtype": "bfloat16",
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": true,
+        "llm_int8_enable_fp32_cpu_offload": false,
+        "llm_int8_has_fp16_weight": false,
+        "llm_int8_skip_modules": null,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": true,
+        "load_in_8bit": false,
+        "quant_method": "bitsandbytes"
+    }"#;
+
+    #[test]
+    fn bitsandbytes_4bit_quantization_config() {
+        let plain = ModelConfig::from_json_str(GEMMA2_9B_V4).unwrap();
+        assert_eq!(plain.quantization, None);
+        let with = |q: &str| {
+            let mut v: Value = serde_json::from_str(GEMMA2_9B_V4).unwrap();
+            v["quantization_config"] = serde_json::from_str(q).unwrap();
+            ModelConfig::from_json_str(&v.to_string())
+        };
+        assert_eq!(
+            with(BNB_4BIT).unwrap().quantization,
+            Some(Quantization::BitsAndBytesNf4)
+        );
+        // Multimodal Gemma-3 keeps it on the wrapper.
+        let mm = format!(
+            r#"{{"model_type": "gemma3", "text_config": {{"model_type": "gemma3_text"}},
+                "quantization_config": {BNB_4BIT}}}"#
+        );
+        assert_eq!(
+            ModelConfig::from_json_str(&mm).unwrap().quantization,
+            Some(Quantization::BitsAndBytesNf4)
+        );
+        let edit = |k: &str, v: Value| {
+            let mut q: Value = serde_json::from_str(BNB_4BIT).unwrap();
+            q[k] = v;
+            q.to_string()
+        };
+        for (q, needle) in [
+            (r#"{"quant_method": "gptq", "bits": 4}"#.to_string(), "gptq"),
+            (edit("bnb_4bit_quant_type", "fp4".into()), "fp4"),
+            (
+                edit("bnb_4bit_use_double_quant", false.into()),
+                "double_quant",
+            ),
+            (
+                edit("bnb_4bit_quant_storage", "bfloat16".into()),
+                "bfloat16",
+            ),
+            (
+                edit("load_in_8bit", true.into())
+                    .replace(r#""load_in_4bit":true"#, r#""load_in_4bit":false"#),
+                "8-bit",
+            ),
+        ] {
+            let e = with(&q).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::UnsupportedQuantization(_)),
+                "{e:?}"
+            );
+            let msg = e.to_string();
+            assert!(
+                msg.contains(needle) && msg.contains("bnb-4bit"),
+                "{q}: {msg}"
+            );
         }
     }
 }

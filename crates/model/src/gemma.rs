@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 
 use crate::config::{Arch, ModelConfig};
 use crate::linear::Linear;
+use crate::loss::{chunked_lm_loss, LmLoss};
 
 /// Additive mask value. HF uses `finfo(float32).min` rather than -inf so that a fully masked row
 /// (a left-padding query) softmaxes to a uniform row instead of NaN.
@@ -479,6 +480,33 @@ impl Gemma {
             .chain(std::iter::once(self.lm_head.as_ref()))
             .flat_map(|l| l.trainable_vars())
             .collect()
+    }
+
+    /// Train mode on or off for every linear layer (LoRA dropout).
+    pub fn set_training(&self, training: bool) {
+        self.layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .chain(std::iter::once(self.lm_head.as_ref()))
+            .for_each(|l| l.set_training(training));
+    }
+
+    /// Next-token loss over final hidden states (from [`Gemma::forward_hidden`]) with HF-style
+    /// `labels` (`-100` = ignore; the shift happens inside), computing logits for at most
+    /// `chunk` positions at a time; see [`crate::loss::chunked_lm_loss`].
+    pub fn chunked_lm_loss(
+        &self,
+        hidden: &Tensor,
+        labels: &Tensor,
+        chunk: usize,
+    ) -> Result<LmLoss> {
+        chunked_lm_loss(
+            self.lm_head.as_ref(),
+            self.cfg.final_logit_softcapping,
+            hidden,
+            labels,
+            chunk,
+        )
     }
 
     /// Logits `[batch, seq, vocab]` for every position.

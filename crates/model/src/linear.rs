@@ -5,7 +5,13 @@
 //! QLoRA layer (frozen NF4 weight + LoRA A/B) plugs in through the same two traits, so the
 //! loader can quantize each weight as soon as it is read and drop the f32 copy.
 
-use candle_core::{Device, Result, Tensor, Var};
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, Device, Layout, MetalStorage, Result, Shape, Tensor, Var,
+};
+use rupantor_quant::Nf4Tensor;
 
 /// What a linear weight is for; lets a builder pick LoRA targets (q,k,v,o,gate,up,down) and
 /// treat the lm_head specially (frozen, chunked).
@@ -58,11 +64,40 @@ pub trait Linear: std::fmt::Debug + Send + Sync {
     fn trainable_vars(&self) -> Vec<Var> {
         Vec::new()
     }
+    /// `dx = dy · W_eff` for `dy` of shape `[.., out_features]`, outside any autograd graph and
+    /// without building a gradient for any parameter. Losses that compute their gradient
+    /// eagerly chunk by chunk (the chunked LM loss) push it through the lm_head with this.
+    fn input_grad(&self, dy: &Tensor) -> Result<Tensor>;
+    /// Switches train-mode behaviour (LoRA dropout); layers without any ignore it.
+    fn set_training(&self, _training: bool) {}
+}
+
+/// A weight that arrives already in NF4 (a bitsandbytes 4-bit checkpoint); `weight.shape` is
+/// `[out_features, in_features]`.
+#[derive(Debug)]
+pub struct QuantizedWeight {
+    pub name: String,
+    pub role: LinearRole,
+    pub layer: Option<usize>,
+    pub weight: Nf4Tensor,
 }
 
 /// Turns loaded weights into linear layers.
 pub trait LinearBuilder {
     fn build(&mut self, w: LinearWeight) -> Result<Box<dyn Linear>>;
+
+    /// Pre-quantized weights. By default they are dequantized to f32 (on the host) and go
+    /// through [`LinearBuilder::build`], so every builder accepts quantized checkpoints; a QLoRA
+    /// builder keeps the NF4 data as it is.
+    fn build_quantized(&mut self, w: QuantizedWeight) -> Result<Box<dyn Linear>> {
+        let weight = Tensor::from_vec(w.weight.dequantize(), w.weight.shape, &Device::Cpu)?;
+        self.build(LinearWeight {
+            name: w.name,
+            role: w.role,
+            layer: w.layer,
+            weight,
+        })
+    }
 }
 
 impl<F: FnMut(LinearWeight) -> Result<Box<dyn Linear>>> LinearBuilder for F {
@@ -95,6 +130,12 @@ impl LinearBuilder for DenseBuilder {
 }
 
 /// A plain dense weight, frozen (a constant tensor) or trainable (a [`Var`]).
+///
+/// The frozen form never builds a weight gradient: candle's matmul backward computes the
+/// gradient of both operands whether or not they are variables (for a tied 256k-vocabulary
+/// lm_head that is a `[vocab, hidden]` f32 tensor per backward), so its product runs outside
+/// the graph and a [`FrozenMatmulGrad`] op supplies only `dx = dy · W` (at the cost of one
+/// copy of the output, and only when the input is part of a graph).
 #[derive(Debug, Clone)]
 pub struct DenseLinear {
     weight: Tensor,
@@ -144,10 +185,27 @@ impl Linear for DenseLinear {
         // One 2-D GEMM over all leading positions: candle's batched matmul would need the
         // weight broadcast to every batch entry.
         let rows: usize = lead.iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = if self.var.is_some() || !x2.track_op() {
+            // Trainable: candle's backward gives both gradients, which is what we want.
+            // Untracked input: no backward will ever run through this product.
+            x2.matmul(&self.weight.t()?)?
+        } else {
+            let y = x2.detach().matmul(&self.weight.t()?)?;
+            x2.apply_op2_arc(
+                &y,
+                Arc::new(Box::new(FrozenMatmulGrad {
+                    weight: self.weight.clone(),
+                })),
+            )?
+        };
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_features());
         y.reshape(out_dims)
+    }
+
+    fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        dense_input_grad(&self.weight, dy)
     }
 
     fn in_features(&self) -> usize {
@@ -160,6 +218,82 @@ impl Linear for DenseLinear {
 
     fn trainable_vars(&self) -> Vec<Var> {
         self.var.iter().cloned().collect()
+    }
+}
+
+/// `dy · W` over the leading dimensions of `dy`, detached from any graph.
+pub(crate) fn dense_input_grad(weight: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let dims = dy.dims();
+    let Some((&out_dim, lead)) = dims.split_last() else {
+        candle_core::bail!("input_grad needs at least one dimension");
+    };
+    let rows: usize = lead.iter().product();
+    let dx = dy
+        .detach()
+        .reshape((rows, out_dim))?
+        .matmul(&weight.detach())?;
+    let mut in_dims = lead.to_vec();
+    in_dims.push(weight.dim(1)?);
+    dx.reshape(in_dims)
+}
+
+/// Attaches the input gradient of a frozen product `y = x W^T` to a `y` computed outside the
+/// graph: the forward passes `y` through (a copy, on any device), the backward returns
+/// `dx = dy · W` for `x` and nothing for `y`, so no tensor of W's shape is ever built.
+pub struct FrozenMatmulGrad {
+    /// `[out, in]`.
+    pub weight: Tensor,
+}
+
+impl FrozenMatmulGrad {
+    fn pass_through<S: BackendStorage>(y: &S, l: &Layout) -> Result<(S, Shape)> {
+        Ok((y.try_clone(l)?, l.shape().clone()))
+    }
+}
+
+impl CustomOp2 for FrozenMatmulGrad {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _xl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::pass_through(y, yl)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _x: &CudaStorage,
+        _xl: &Layout,
+        y: &CudaStorage,
+        yl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Self::pass_through(y, yl)
+    }
+
+    fn metal_fwd(
+        &self,
+        _x: &MetalStorage,
+        _xl: &Layout,
+        y: &MetalStorage,
+        yl: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        Self::pass_through(y, yl)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(dense_input_grad(&self.weight, grad)?), None))
     }
 }
 
@@ -206,6 +340,53 @@ mod tests {
         // d(sum(x W^T))/dW[o][i] = x[i] for every output row.
         assert_eq!(g.to_vec2::<f32>()?, vec![vec![1., -1.], vec![1., -1.]]);
         assert_eq!(lin.trainable_vars().len(), 1);
+        Ok(())
+    }
+
+    /// Every tensor in a gradient store, by shape.
+    fn grad_shapes(grads: &candle_core::backprop::GradStore) -> Vec<Vec<usize>> {
+        grads
+            .get_ids()
+            .map(|id| grads.get_id(*id).unwrap().dims().to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn frozen_dense_gives_dx_and_never_a_weight_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        // [out 3, in 5]: distinct from every other shape in the graph.
+        let w = Tensor::new(
+            &[
+                [0.5f32, -1., 2., 0.25, 1.5],
+                [1., 0., -0.5, 3., -2.],
+                [-1.5, 0.75, 1., -0.25, 0.5],
+            ],
+            &dev,
+        )?;
+        let x = Var::new(&[[1f32, 2., -1., 0.5, 3.], [0., -2., 1., 1., -1.]], &dev)?;
+        let upstream = Tensor::new(&[[1f32, -2., 0.5], [3., 1., -1.]], &dev)?;
+
+        // Reference: candle's own matmul, which also builds a W-shaped gradient.
+        let plain = x.as_tensor().matmul(&w.t()?)?;
+        let plain_grads = (plain.clone() * &upstream)?.sum_all()?.backward()?;
+        assert!(grad_shapes(&plain_grads).contains(&vec![5, 3]));
+
+        let lin = DenseLinear::new(w.clone())?;
+        let y = lin.forward(x.as_tensor())?;
+        assert_eq!(y.to_vec2::<f32>()?, plain.to_vec2::<f32>()?);
+        let grads = (y * &upstream)?.sum_all()?.backward()?;
+        let dx = grads.get(x.as_tensor()).expect("dx");
+        let want = plain_grads.get(x.as_tensor()).unwrap();
+        assert_eq!(dx.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+        for shape in grad_shapes(&grads) {
+            assert!(
+                shape != [3, 5] && shape != [5, 3],
+                "a weight-shaped gradient {shape:?} was built"
+            );
+        }
+        // input_grad is the same product outside the graph.
+        let ig = lin.input_grad(&upstream)?;
+        assert_eq!(ig.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
         Ok(())
     }
 }

@@ -4,6 +4,11 @@
 //! Shards are memory-mapped and tensors are converted to f32 one at a time and handed straight
 //! to the [`LinearBuilder`], so a quantizing builder keeps peak memory near one f32 tensor plus
 //! whatever it retains.
+//!
+//! Pre-quantized bitsandbytes 4-bit checkpoints (`quantization_config.quant_method ==
+//! "bitsandbytes"`, the hub's `*-bnb-4bit` repos) load through the same path: each quantized
+//! projection is rebuilt as an NF4 tensor from its companion tensors and handed to
+//! [`LinearBuilder::build_quantized`], never dequantized and re-quantized.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -14,9 +19,14 @@ use memmap2::Mmap;
 use safetensors::tensor::{Metadata, SafeTensorError};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::config::{ConfigError, ModelConfig};
+use rupantor_quant::bnb_layout::{self, LayoutError, RawTensor};
+use rupantor_quant::Nf4Tensor;
+
+use crate::config::{ConfigError, ModelConfig, Quantization};
 use crate::gemma::{Gemma, LayerWeights};
-use crate::linear::{DenseBuilder, Linear, LinearBuilder, LinearRole, LinearWeight};
+use crate::linear::{
+    DenseBuilder, Linear, LinearBuilder, LinearRole, LinearWeight, QuantizedWeight,
+};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -80,6 +90,19 @@ pub enum LoadError {
         file: PathBuf,
         dtype: String,
     },
+    #[error("tensor `{name}` in {}: {source}", file.display())]
+    Quantized {
+        name: String,
+        file: PathBuf,
+        #[source]
+        source: LayoutError,
+    },
+    #[error(
+        "tensor `{name}` in {} is bitsandbytes-quantized but {CONFIG_FILE} has no \
+         quantization_config",
+        file.display()
+    )]
+    UndeclaredQuantization { name: String, file: PathBuf },
     #[error("building `{name}`: {source}")]
     Build {
         name: String,
@@ -212,6 +235,48 @@ impl SafetensorsStore {
             .clone())
     }
 
+    /// The file holding `name`.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        Some(self.shards[*self.names.get(name)?].path.as_path())
+    }
+
+    /// One tensor's raw bytes, dtype and shape (a copy), for codecs that read their own layout.
+    pub fn raw(&self, name: &str) -> Option<RawTensor> {
+        let shard = &self.shards[*self.names.get(name)?];
+        let info = shard.meta.info(name)?;
+        let (start, end) = info.data_offsets;
+        Some(RawTensor {
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            data: shard.mmap[shard.data_start + start..shard.data_start + end].to_vec(),
+        })
+    }
+
+    /// Rebuilds the NF4 weight `name` from its bitsandbytes companions (no re-quantization),
+    /// checking its shape against `expected`.
+    pub fn load_bnb_nf4(&self, name: &str, expected: &[usize]) -> Result<Nf4Tensor, LoadError> {
+        let file = self
+            .file_of(name)
+            .ok_or_else(|| self.missing(name))?
+            .to_path_buf();
+        let nf4 = bnb_layout::from_tensors(name, |n| self.raw(n)).map_err(|source| {
+            LoadError::Quantized {
+                name: name.to_string(),
+                file: file.clone(),
+                source,
+            }
+        })?;
+        if nf4.shape != expected {
+            return Err(LoadError::ShapeMismatch {
+                name: name.to_string(),
+                file,
+                expected: expected.to_vec(),
+                found: nf4.shape,
+            });
+        }
+        Ok(nf4)
+    }
+
     /// Reads one tensor as f32 on the host, checking its shape first.
     pub fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Tensor, LoadError> {
         let shard = &self.shards[*self.names.get(name).ok_or_else(|| self.missing(name))?];
@@ -319,8 +384,7 @@ pub fn build_gemma(
         let attn = |n: &str| format!("{p}self_attn.{n}.weight");
         let mlp = |n: &str| format!("{p}mlp.{n}.weight");
         let mut linear = |name: String, role: LinearRole, shape: [usize; 2]| {
-            let weight = store.load_f32(&name, &shape)?;
-            build_linear(builder, name, role, Some(i), weight)
+            load_linear(store, &cfg, builder, name, role, Some(i), shape)
         };
         let q_proj = linear(attn("q_proj"), LinearRole::QProj, [q_out, h])?;
         let k_proj = linear(attn("k_proj"), LinearRole::KProj, [kv_out, h])?;
@@ -370,8 +434,15 @@ pub fn build_gemma(
             .into_iter()
             .find(|n| store.contains(n))
             .ok_or_else(|| store.missing("lm_head.weight"))?;
-        let weight = store.load_f32(name, &[cfg.vocab_size, h])?;
-        build_linear(builder, name.to_string(), LinearRole::LmHead, None, weight)?
+        load_linear(
+            store,
+            &cfg,
+            builder,
+            name.to_string(),
+            LinearRole::LmHead,
+            None,
+            [cfg.vocab_size, h],
+        )?
     };
     let embed = to_device(&embed_name, embed_host, device)?;
     Gemma::new(cfg, embed, layers, final_norm, lm_head).map_err(|source| LoadError::Build {
@@ -385,6 +456,43 @@ fn to_device(name: &str, t: Tensor, device: &Device) -> Result<Tensor, LoadError
         name: name.to_string(),
         source,
     })
+}
+
+/// One linear weight: rebuilt from its bitsandbytes tensors when it has a quant state (and
+/// config.json declares the quantization), read as f32 otherwise (unquantized checkpoints, and
+/// modules bitsandbytes skipped).
+fn load_linear(
+    store: &SafetensorsStore,
+    cfg: &ModelConfig,
+    builder: &mut dyn LinearBuilder,
+    name: String,
+    role: LinearRole,
+    layer: Option<usize>,
+    shape: [usize; 2],
+) -> Result<Box<dyn Linear>, LoadError> {
+    let state = format!("{name}{}", bnb_layout::QUANT_STATE_SUFFIX);
+    if store.contains(&state) {
+        if cfg.quantization != Some(Quantization::BitsAndBytesNf4) {
+            return Err(LoadError::UndeclaredQuantization {
+                file: store
+                    .file_of(&state)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+                name,
+            });
+        }
+        let weight = store.load_bnb_nf4(&name, &shape)?;
+        return builder
+            .build_quantized(QuantizedWeight {
+                name: name.clone(),
+                role,
+                layer,
+                weight,
+            })
+            .map_err(|source| LoadError::Build { name, source });
+    }
+    let weight = store.load_f32(&name, &shape)?;
+    build_linear(builder, name, role, layer, weight)
 }
 
 fn build_linear(

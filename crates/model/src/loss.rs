@@ -1,0 +1,336 @@
+//! Next-token cross-entropy over chunks of positions, differentiable w.r.t. the hidden states.
+//!
+//! Computing the loss chunk by chunk is not enough on its own: autograd keeps every chunk's
+//! `[chunk, vocab]` logits (and softmax) alive until `backward()`, so the whole batch's logits
+//! would exist after all. Instead each chunk's loss *and* its gradient w.r.t. the hidden rows
+//! (`(softmax - onehot) * softcap' · W`, pushed through the frozen lm_head with
+//! [`Linear::input_grad`]) are computed at once and the chunk's logits are dropped; a custom op
+//! then carries the summed loss with that stored gradient into the graph. Peak memory is one
+//! chunk of logits plus a `[batch, seq, hidden]` gradient.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage,
+    Tensor, D,
+};
+
+use crate::linear::Linear;
+
+/// Label value that contributes nothing to the loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Summed next-token loss and the number of positions it covers.
+#[derive(Debug, Clone)]
+pub struct LmLoss {
+    /// Scalar f32: the sum of the per-position NLL; differentiable w.r.t. the hidden states.
+    pub sum: Tensor,
+    /// Positions with a label other than [`IGNORE_INDEX`].
+    pub tokens: usize,
+}
+
+impl LmLoss {
+    /// Mean NLL per counted position, as HF's `ForCausalLMLoss` with reduction "mean"; zero
+    /// (rather than NaN) when every label is ignored, so an all-prompt micro-batch adds nothing.
+    pub fn mean(&self) -> Result<Tensor> {
+        &self.sum / self.tokens.max(1) as f64
+    }
+}
+
+/// Mean-free next-token cross-entropy of `head` (then `cap * tanh(logits / cap)` when
+/// `softcap` is set) over final hidden states.
+///
+/// * `hidden`: `[batch, seq, hidden]`, the model's final-normed output.
+/// * `labels`: `[batch, seq]`, HF convention: the input ids with [`IGNORE_INDEX`] where no
+///   loss is wanted; position `t` predicts `labels[t + 1]` (the shift happens here).
+/// * `chunk`: positions per chunk; at most `[chunk, vocab]` logits exist at any time.
+///
+/// `head` must be frozen: only the hidden states receive a gradient.
+pub fn chunked_lm_loss(
+    head: &dyn Linear,
+    softcap: Option<f64>,
+    hidden: &Tensor,
+    labels: &Tensor,
+    chunk: usize,
+) -> Result<LmLoss> {
+    let (b, s, h) = hidden.dims3()?;
+    if labels.dims() != [b, s] {
+        candle_core::bail!(
+            "labels must be [batch {b}, seq {s}] like the hidden states, got {:?}",
+            labels.dims()
+        );
+    }
+    if chunk == 0 {
+        candle_core::bail!("chunk must hold at least one position");
+    }
+    if h != head.in_features() {
+        candle_core::bail!(
+            "hidden size {h} but the lm_head expects {}",
+            head.in_features()
+        );
+    }
+    if !head.trainable_vars().is_empty() {
+        candle_core::bail!(
+            "chunked_lm_loss gives gradients to the hidden states only; the lm_head must be frozen"
+        );
+    }
+    let vocab = head.out_features();
+    let dev = hidden.device();
+
+    // Rows of the flattened [b * s, h] hidden states that predict a label, and those labels.
+    let labels = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (bi, row) in labels.iter().enumerate() {
+        for t in 0..s.saturating_sub(1) {
+            let y = row[t + 1];
+            if y == IGNORE_INDEX {
+                continue;
+            }
+            if y < 0 || y as usize >= vocab {
+                candle_core::bail!("label {y} at [{bi}, {}] is outside the vocabulary", t + 1);
+            }
+            rows.push((bi * s + t) as u32);
+            targets.push(y as u32);
+        }
+    }
+    let tokens = rows.len();
+    let need_grad = hidden.track_op();
+    let flat = hidden.detach().reshape((b * s, h))?;
+    let vocab_ids = Tensor::arange(0u32, vocab as u32, dev)?.unsqueeze(0)?;
+
+    let mut sum = 0f64;
+    let mut grads = Vec::new();
+    for (row_ids, target_ids) in rows.chunks(chunk).zip(targets.chunks(chunk)) {
+        let m = row_ids.len();
+        let row_ids = Tensor::from_slice(row_ids, m, dev)?;
+        let target_ids = Tensor::from_slice(target_ids, (m, 1), dev)?;
+        let x = flat.index_select(&row_ids, 0)?.to_dtype(DType::F32)?;
+        let z = head.forward(&x)?.to_dtype(DType::F32)?;
+        let (logits, tanh) = match softcap {
+            Some(c) => {
+                let t = (z / c)?.tanh()?;
+                ((&t * c)?, Some(t))
+            }
+            None => (z, None),
+        };
+        let max = logits.max_keepdim(D::Minus1)?;
+        let exp = logits.broadcast_sub(&max)?.exp()?;
+        let sum_exp = exp.sum_keepdim(D::Minus1)?;
+        let lse = (sum_exp.log()? + &max)?;
+        let onehot = target_ids.broadcast_eq(&vocab_ids)?.to_dtype(DType::F32)?;
+        let target_logit = (&logits * &onehot)?.sum_keepdim(D::Minus1)?;
+        sum += (lse - target_logit)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        if need_grad {
+            // d nll / d logits = softmax - onehot; through the softcap, times 1 - tanh^2.
+            let mut dz = (exp.broadcast_div(&sum_exp)? - onehot)?;
+            if let Some(t) = tanh {
+                dz = (dz * (1.0 - t.sqr()?)?)?;
+            }
+            grads.push(head.input_grad(&dz)?.to_dtype(DType::F32)?);
+        }
+    }
+    let value = Tensor::new(sum as f32, dev)?;
+    if !need_grad {
+        return Ok(LmLoss { sum: value, tokens });
+    }
+    let mut grad = Tensor::zeros((b * s, h), DType::F32, dev)?;
+    if tokens > 0 {
+        let rows = Tensor::from_vec(rows, tokens, dev)?;
+        grad = grad.index_add(&rows, &Tensor::cat(&grads, 0)?, 0)?;
+    }
+    let grad = grad.reshape((b, s, h))?;
+    let sum = hidden.apply_op1(PrecomputedLoss { value, grad })?;
+    Ok(LmLoss { sum, tokens })
+}
+
+/// A scalar whose value and gradient w.r.t. its input were computed beforehand.
+struct PrecomputedLoss {
+    value: Tensor,
+    /// d value / d input, shaped like the input.
+    grad: Tensor,
+}
+
+impl PrecomputedLoss {
+    fn value_storage<S: BackendStorage>(
+        &self,
+        pick: impl Fn(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let (storage, layout) = self.value.storage_and_layout();
+        let Some(s) = pick(&storage) else {
+            candle_core::bail!("precomputed loss: value lives on another device than its input");
+        };
+        Ok((s.try_clone(layout)?, Shape::from(())))
+    }
+}
+
+impl CustomOp1 for PrecomputedLoss {
+    fn name(&self) -> &'static str {
+        "precomputed-loss"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.value_storage(|s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.value_storage(|s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.value_storage(|s| match s {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            self.grad
+                .broadcast_mul(&grad_res.to_dtype(DType::F32)?)?
+                .to_dtype(arg.dtype())?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linear::DenseLinear;
+    use candle_core::{Device, Var};
+
+    fn filled(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The whole `[b * s, vocab]` logits at once through candle's own ops.
+    fn full_loss(
+        head: &Tensor,
+        softcap: Option<f64>,
+        hidden: &Tensor,
+        labels: &[Vec<i64>],
+    ) -> Tensor {
+        let (b, s, h) = hidden.dims3().unwrap();
+        let mut rows = vec![];
+        let mut targets = vec![];
+        for (bi, row) in labels.iter().enumerate() {
+            for t in 0..s - 1 {
+                if row[t + 1] != IGNORE_INDEX {
+                    rows.push((bi * s + t) as u32);
+                    targets.push(row[t + 1] as u32);
+                }
+            }
+        }
+        let x = hidden
+            .reshape((b * s, h))
+            .unwrap()
+            .index_select(&Tensor::new(rows, &Device::Cpu).unwrap(), 0)
+            .unwrap();
+        let mut logits = x.matmul(&head.t().unwrap()).unwrap();
+        if let Some(c) = softcap {
+            logits = ((logits / c).unwrap().tanh().unwrap() * c).unwrap();
+        }
+        let targets = Tensor::new(targets, &Device::Cpu).unwrap();
+        candle_nn::loss::cross_entropy(&logits, &targets).unwrap()
+    }
+
+    #[test]
+    fn chunks_give_the_full_loss_and_its_gradient() -> Result<()> {
+        let (b, s, h, vocab) = (2, 7, 12, 33);
+        let w = filled(&[vocab, h], 1, 1.0);
+        let head = DenseLinear::new(w.clone())?;
+        let labels: Vec<Vec<i64>> = vec![
+            vec![5, IGNORE_INDEX, IGNORE_INDEX, 7, 0, 32, 9],
+            vec![1, 2, 3, 4, IGNORE_INDEX, 6, 30],
+        ];
+        let labels_t = Tensor::new(labels.clone(), &Device::Cpu)?;
+        // Two ignored targets in row 0 (positions 1, 2), one in row 1; the last position of
+        // each row has nothing to predict: 6 + 6 - 3 = 9 counted.
+        for softcap in [Some(3.0), None] {
+            let hidden = Var::from_tensor(&filled(&[b, s, h], 2, 2.0))?;
+            let want = full_loss(&w, softcap, hidden.as_tensor(), &labels);
+            let want_grad = want.backward()?;
+            let want_grad = want_grad.get(hidden.as_tensor()).unwrap();
+            for chunk in [1, 4, 9, 100] {
+                let loss = chunked_lm_loss(&head, softcap, hidden.as_tensor(), &labels_t, chunk)?;
+                assert_eq!(loss.tokens, 9);
+                let mean = loss.mean()?;
+                let d = (mean.to_scalar::<f32>()? - want.to_scalar::<f32>()?).abs();
+                assert!(
+                    d < 1e-5,
+                    "softcap {softcap:?}, chunk {chunk}: loss off by {d}"
+                );
+                let grads = mean.backward()?;
+                let g = grads.get(hidden.as_tensor()).expect("hidden gradient");
+                let dg = max_abs_diff(g, want_grad);
+                assert!(
+                    dg < 1e-6,
+                    "softcap {softcap:?}, chunk {chunk}: grad off by {dg}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn no_graph_without_a_tracked_input_and_zero_for_no_labels() -> Result<()> {
+        let head = DenseLinear::new(filled(&[10, 4], 3, 1.0))?;
+        let hidden = filled(&[1, 3, 4], 4, 1.0);
+        let labels = Tensor::new(&[[1i64, 2, 3]], &Device::Cpu)?;
+        let loss = chunked_lm_loss(&head, None, &hidden, &labels, 2)?;
+        assert!(!loss.sum.track_op());
+        assert_eq!(loss.tokens, 2);
+        let none = Tensor::new(&[[IGNORE_INDEX; 3]], &Device::Cpu)?;
+        let empty = chunked_lm_loss(&head, None, &hidden, &none, 2)?;
+        assert_eq!(empty.tokens, 0);
+        assert_eq!(empty.mean()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() -> Result<()> {
+        let head = DenseLinear::new(filled(&[10, 4], 3, 1.0))?;
+        let hidden = filled(&[1, 3, 4], 4, 1.0);
+        let out_of_vocab = Tensor::new(&[[1i64, 10, 3]], &Device::Cpu)?;
+        let e = chunked_lm_loss(&head, None, &hidden, &out_of_vocab, 2).unwrap_err();
+        assert!(e.to_string().contains("label 10"), "{e}");
+        let short = Tensor::new(&[[1i64, 2]], &Device::Cpu)?;
+        assert!(chunked_lm_loss(&head, None, &hidden, &short, 2).is_err());
+        let trainable = DenseLinear::trainable(Var::from_tensor(&filled(&[10, 4], 3, 1.0))?)?;
+        let labels = Tensor::new(&[[1i64, 2, 3]], &Device::Cpu)?;
+        let e = chunked_lm_loss(&trainable, None, &hidden, &labels, 2).unwrap_err();
+        assert!(e.to_string().contains("frozen"), "{e}");
+        Ok(())
+    }
+}

@@ -1,0 +1,1022 @@
+//! QLoRA linear layers: a frozen NF4 weight plus a trainable LoRA adapter (PEFT semantics).
+//!
+//! `y = x · dequant(W)^T + scale · B(A(dropout(x)))`, with `A: [r, in]` kaiming-uniform,
+//! `B: [out, r]` zeros and `scale = alpha / r` (rsLoRA: `alpha / sqrt(r)`).
+//!
+//! The frozen product is a candle custom op rather than `matmul` on a dequantized tensor for two
+//! reasons: candle's matmul backward builds a gradient for both operands (a full f32 copy of
+//! every frozen weight per backward), and a dequantized 9B projection would sit in memory as f32.
+//! The op dequantizes W tile by tile (blocks of output rows) into a scratch buffer, multiplies
+//! each tile with `gemm`, and its backward returns only `dx = dy · dequant(W)`, tiled the same
+//! way.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var};
+use rupantor_quant::blockwise8;
+use rupantor_quant::nf4::{BLOCKSIZE, NESTED_BLOCKSIZE};
+use rupantor_quant::{dequantize_nf4, Nf4Tensor};
+
+use crate::linear::{
+    DenseLinear, Linear, LinearBuilder, LinearRole, LinearWeight, QuantizedWeight,
+};
+
+/// Default number of weight elements dequantized per tile: 4 MiB of f32, small next to a 9B
+/// projection (`14336 x 3584` = 196 MiB in f32) and large enough that each tile's GEMM runs
+/// near full speed.
+pub const DEFAULT_TILE_ELEMS: usize = 1 << 20;
+
+/// A frozen NF4 weight `[out, in]` with CPU kernels that never hold it whole in f32.
+pub struct Nf4Weight {
+    nf4: Nf4Tensor,
+    out_features: usize,
+    in_features: usize,
+    /// bitsandbytes' signed dynamic map, which the 8-bit absmax codes index.
+    absmax_map: [f32; blockwise8::MAP_SIZE],
+}
+
+impl fmt::Debug for Nf4Weight {
+    // The derived form would print every packed byte.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Nf4Weight")
+            .field("shape", &[self.out_features, self.in_features])
+            .field("storage_bytes", &self.nf4.storage_bytes())
+            .finish()
+    }
+}
+
+impl Nf4Weight {
+    /// Checks that `nf4` is a consistent `[out, in]` weight.
+    pub fn new(nf4: Nf4Tensor) -> Result<Self> {
+        let &[out_features, in_features] = nf4.shape.as_slice() else {
+            candle_core::bail!("NF4 linear weight must be [out, in], got {:?}", nf4.shape);
+        };
+        if out_features == 0 || in_features == 0 {
+            candle_core::bail!("NF4 linear weight has an empty shape {:?}", nf4.shape);
+        }
+        let n = out_features * in_features;
+        let blocks = n.div_ceil(BLOCKSIZE);
+        if nf4.packed.len() != n.div_ceil(2)
+            || nf4.absmax.codes.len() != blocks
+            || nf4.absmax.nested_absmax.len() != blocks.div_ceil(NESTED_BLOCKSIZE)
+        {
+            candle_core::bail!(
+                "NF4 weight {:?}: {} packed bytes, {} absmax codes, {} nested scales do not fit",
+                nf4.shape,
+                nf4.packed.len(),
+                nf4.absmax.codes.len(),
+                nf4.absmax.nested_absmax.len()
+            );
+        }
+        Ok(Self {
+            nf4,
+            out_features,
+            in_features,
+            absmax_map: blockwise8::dynamic_map(true),
+        })
+    }
+
+    pub fn nf4(&self) -> &Nf4Tensor {
+        &self.nf4
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// Rows per tile for a budget of `tile_elems` elements: at least one, and a multiple of
+    /// `64 / gcd(in, 64)` so that every tile starts on an NF4 block boundary.
+    pub fn tile_rows(&self, tile_elems: usize) -> usize {
+        let align = BLOCKSIZE / gcd(self.in_features, BLOCKSIZE);
+        let rows = (tile_elems / self.in_features).max(1);
+        rows.div_ceil(align) * align
+    }
+
+    /// Dequantizes rows `r0..r1` into `out` (`(r1 - r0) * in` long). `r0 * in` must be a
+    /// multiple of the NF4 block size (tiles from [`Nf4Weight::tile_rows`] are).
+    ///
+    /// Bit-identical to the same rows of [`Nf4Tensor::dequantize`]: the absmax of each block is
+    /// decoded as `map[code] * nested_scale + offset`, the same two f32 roundings bitsandbytes
+    /// (and `NestedAbsmax::dequantize`) performs.
+    pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let e0 = r0 * self.in_features;
+        let e1 = r1 * self.in_features;
+        assert!(e0 % BLOCKSIZE == 0, "tile start {r0} is not block-aligned");
+        assert!(r1 <= self.out_features && out.len() == e1 - e0);
+        let a = &self.nf4.absmax;
+        let absmax: Vec<f32> = (e0 / BLOCKSIZE..e1.div_ceil(BLOCKSIZE))
+            .map(|b| {
+                self.absmax_map[a.codes[b] as usize] * a.nested_absmax[b / NESTED_BLOCKSIZE]
+                    + a.offset
+            })
+            .collect();
+        dequantize_nf4(&self.nf4.packed[e0 / 2..], &absmax, out);
+    }
+
+    /// `y = x · W^T` for row-major `x: [m, in]`, returning row-major `[m, out]`.
+    pub fn matmul_t(&self, x: &[f32], m: usize, tile_rows: usize) -> Vec<f32> {
+        let (out, inp) = (self.out_features, self.in_features);
+        assert_eq!(x.len(), m * inp, "input length");
+        let mut y = vec![0f32; m * out];
+        if m == 0 {
+            return y;
+        }
+        let mut scratch = vec![0f32; tile_rows.min(out) * inp];
+        let mut r0 = 0;
+        while r0 < out {
+            let r1 = (r0 + tile_rows).min(out);
+            let rows = r1 - r0;
+            let tile = &mut scratch[..rows * inp];
+            self.dequantize_rows(r0, r1, tile);
+            // y[:, r0..r1] = x · tile^T: lhs (m x in) row-major; rhs (in x rows) is the tile
+            // read column-major; dst (m x rows) is a column slice of y with row stride `out`.
+            // SAFETY: every pointer/stride pair addresses only elements inside `y`, `x` and
+            // `tile`, whose lengths are checked above; the three buffers do not overlap.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    rows,
+                    inp,
+                    y.as_mut_ptr().add(r0),
+                    1,
+                    out as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    inp as isize,
+                    tile.as_ptr(),
+                    inp as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism(),
+                );
+            }
+            r0 = r1;
+        }
+        y
+    }
+
+    /// `dx = dy · W` for row-major `dy: [m, out]`, returning row-major `[m, in]`; the tiles'
+    /// contributions accumulate in place.
+    pub fn matmul(&self, dy: &[f32], m: usize, tile_rows: usize) -> Vec<f32> {
+        let (out, inp) = (self.out_features, self.in_features);
+        assert_eq!(dy.len(), m * out, "gradient length");
+        let mut dx = vec![0f32; m * inp];
+        if m == 0 {
+            return dx;
+        }
+        let mut scratch = vec![0f32; tile_rows.min(out) * inp];
+        let mut r0 = 0;
+        while r0 < out {
+            let r1 = (r0 + tile_rows).min(out);
+            let rows = r1 - r0;
+            let tile = &mut scratch[..rows * inp];
+            self.dequantize_rows(r0, r1, tile);
+            // dx += dy[:, r0..r1] · tile: lhs (m x rows) is a column slice of dy; rhs
+            // (rows x in) and dst (m x in) are row-major.
+            // SAFETY: as in `matmul_t`; `dy.as_ptr().add(r0)` stays within `dy` because
+            // `r0 < out` and `m >= 1`.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    inp,
+                    rows,
+                    dx.as_mut_ptr(),
+                    1,
+                    inp as isize,
+                    r0 > 0,
+                    dy.as_ptr().add(r0),
+                    1,
+                    out as isize,
+                    tile.as_ptr(),
+                    1,
+                    inp as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism(),
+                );
+            }
+            r0 = r1;
+        }
+        dx
+    }
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// The same thread count candle's own CPU matmul uses.
+fn parallelism() -> gemm::Parallelism {
+    let n = candle_core::utils::get_num_threads();
+    if n > 1 {
+        gemm::Parallelism::Rayon(n)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// A row-major f32 `[m, k]` view of a custom op's CPU input.
+fn f32_rows<'a>(op: &str, s: &'a CpuStorage, l: &Layout, k: usize) -> Result<(&'a [f32], usize)> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => candle_core::bail!("{op}: needs f32 on the CPU, got {:?}", other.dtype()),
+    };
+    let (m, cols) = l.shape().dims2()?;
+    if cols != k {
+        candle_core::bail!("{op}: expected {k} columns, got shape {:?}", l.dims());
+    }
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous");
+    };
+    Ok((&data[start..end], m))
+}
+
+/// `y = x · dequant(W)^T`; backward gives `dx` only.
+struct Nf4Matmul {
+    w: Arc<Nf4Weight>,
+    tile_rows: usize,
+}
+
+impl CustomOp1 for Nf4Matmul {
+    fn name(&self) -> &'static str {
+        "nf4-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, m) = f32_rows(self.name(), s, l, self.w.in_features)?;
+        let y = self.w.matmul_t(x, m, self.tile_rows);
+        Ok((CpuStorage::F32(y), Shape::from((m, self.w.out_features))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let grad = Nf4MatmulGrad {
+            w: self.w.clone(),
+            tile_rows: self.tile_rows,
+        };
+        // No gradient for W exists anywhere: the weight is not a tensor in the graph.
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&grad)?))
+    }
+}
+
+/// `dx = dy · dequant(W)`.
+struct Nf4MatmulGrad {
+    w: Arc<Nf4Weight>,
+    tile_rows: usize,
+}
+
+impl CustomOp1 for Nf4MatmulGrad {
+    fn name(&self) -> &'static str {
+        "nf4-matmul-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (dy, m) = f32_rows(self.name(), s, l, self.w.out_features)?;
+        let dx = self.w.matmul(dy, m, self.tile_rows);
+        Ok((CpuStorage::F32(dx), Shape::from((m, self.w.in_features))))
+    }
+}
+
+/// Rank, scaling and dropout of a LoRA adapter (PEFT's `LoraConfig` fields).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Dropout probability on the adapter's input, applied in train mode only.
+    pub dropout: f32,
+    /// rsLoRA scaling `alpha / sqrt(r)` instead of `alpha / r`.
+    pub rslora: bool,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+}
+
+/// SplitMix64: a tiny seedable generator, so adapter initialisation and dropout masks are
+/// reproducible from the run's seed without depending on an RNG crate's stream stability.
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 24 random bits (every value exactly representable in f32).
+    fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// FNV-1a, to derive a per-layer seed from the tensor name.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A layer's seed: the run seed mixed with its checkpoint name, so every layer draws a
+/// different but reproducible stream.
+pub fn layer_seed(seed: u64, name: &str) -> u64 {
+    SplitMix64(seed ^ fnv1a(name)).next_u64()
+}
+
+/// The trainable half of a QLoRA layer.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    /// `[r, in]`.
+    pub a: Var,
+    /// `[out, r]`.
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+    rng: Mutex<SplitMix64>,
+}
+
+impl LoraAdapter {
+    /// PEFT's initialisation: `A ~ U(-1/sqrt(in), 1/sqrt(in))` (what
+    /// `kaiming_uniform_(a=sqrt(5))` gives: gain `sqrt(2 / (1 + 5))`, bound
+    /// `gain * sqrt(3 / fan_in)`), `B = 0`, so a fresh adapter changes nothing.
+    pub fn init(
+        cfg: &LoraConfig,
+        in_features: usize,
+        out_features: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        if cfg.rank == 0 {
+            candle_core::bail!("LoRA rank must be at least 1");
+        }
+        if !(0.0..1.0).contains(&cfg.dropout) {
+            candle_core::bail!("LoRA dropout must be in [0, 1), got {}", cfg.dropout);
+        }
+        let bound = 1.0 / (in_features as f32).sqrt();
+        let mut rng = SplitMix64(seed);
+        let a: Vec<f32> = (0..cfg.rank * in_features)
+            .map(|_| (2.0 * rng.next_f32() - 1.0) * bound)
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, in_features), device)?)?;
+        let b = Var::zeros((out_features, cfg.rank), DType::F32, device)?;
+        // A separate stream for dropout, so masks do not repeat the initialisation draws.
+        let dropout_seed = SplitMix64(seed ^ 0xD1B5_4A32_D192_ED03).next_u64();
+        Self::from_vars(a, b, cfg.scale(), cfg.dropout, dropout_seed)
+    }
+
+    /// An adapter from existing weights (a saved adapter, or a test's choice).
+    pub fn from_vars(a: Var, b: Var, scale: f64, dropout: f32, seed: u64) -> Result<Self> {
+        let (r, _) = a.dims2()?;
+        let (_, rb) = b.dims2()?;
+        if r != rb {
+            candle_core::bail!("LoRA A is {:?} but B is {:?}", a.dims(), b.dims());
+        }
+        if !(0.0..1.0).contains(&dropout) {
+            candle_core::bail!("LoRA dropout must be in [0, 1), got {dropout}");
+        }
+        Ok(Self {
+            a,
+            b,
+            scale,
+            dropout,
+            rng: Mutex::new(SplitMix64(seed)),
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// Inverted dropout on `x` (PEFT's `nn.Dropout`): zero with probability p, scale the rest
+    /// by `1 / (1 - p)`. The mask is drawn on the host from this layer's stream.
+    fn dropout(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.dropout;
+        let keep = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = {
+            let mut rng = self.rng.lock().expect("dropout rng poisoned");
+            (0..x.elem_count())
+                .map(|_| if rng.next_f32() < p { 0.0 } else { keep })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+/// Frozen NF4 weight, optionally with a LoRA adapter.
+#[derive(Debug)]
+pub struct QLoraLinear {
+    weight: Arc<Nf4Weight>,
+    tile_rows: usize,
+    lora: Option<LoraAdapter>,
+    training: AtomicBool,
+}
+
+impl QLoraLinear {
+    /// A frozen NF4 layer without an adapter (the non-targeted projections).
+    pub fn frozen(nf4: Nf4Tensor) -> Result<Self> {
+        Self::with_adapter(nf4, None)
+    }
+
+    /// A frozen NF4 layer with a freshly initialised adapter.
+    pub fn new(nf4: Nf4Tensor, cfg: &LoraConfig, seed: u64, device: &Device) -> Result<Self> {
+        let (out_f, in_f) = match nf4.shape.as_slice() {
+            &[o, i] => (o, i),
+            s => candle_core::bail!("NF4 linear weight must be [out, in], got {s:?}"),
+        };
+        let lora = LoraAdapter::init(cfg, in_f, out_f, seed, device)?;
+        Self::with_adapter(nf4, Some(lora))
+    }
+
+    pub fn with_adapter(nf4: Nf4Tensor, lora: Option<LoraAdapter>) -> Result<Self> {
+        let weight = Nf4Weight::new(nf4)?;
+        if let Some(l) = &lora {
+            let (r, a_in) = l.a.dims2()?;
+            let (b_out, _) = l.b.dims2()?;
+            if a_in != weight.in_features || b_out != weight.out_features {
+                candle_core::bail!(
+                    "LoRA A {:?} / B {:?} do not fit a [{}, {}] weight (rank {r})",
+                    l.a.dims(),
+                    l.b.dims(),
+                    weight.out_features,
+                    weight.in_features
+                );
+            }
+        }
+        let tile_rows = weight.tile_rows(DEFAULT_TILE_ELEMS);
+        Ok(Self {
+            weight: Arc::new(weight),
+            tile_rows,
+            lora,
+            training: AtomicBool::new(false),
+        })
+    }
+
+    /// Changes the dequantization tile budget (elements of W per tile).
+    pub fn set_tile_elems(&mut self, tile_elems: usize) {
+        self.tile_rows = self.weight.tile_rows(tile_elems);
+    }
+
+    pub fn tile_rows(&self) -> usize {
+        self.tile_rows
+    }
+
+    pub fn weight(&self) -> &Nf4Weight {
+        &self.weight
+    }
+
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
+    }
+
+    /// The frozen product alone, `x · dequant(W)^T` for `x: [rows, in]`.
+    fn frozen_forward(&self, x2: &Tensor) -> Result<Tensor> {
+        x2.apply_op1(Nf4Matmul {
+            w: self.weight.clone(),
+            tile_rows: self.tile_rows,
+        })
+    }
+}
+
+impl Linear for QLoraLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let Some((&in_dim, lead)) = dims.split_last() else {
+            candle_core::bail!("linear input must have at least one dimension");
+        };
+        if in_dim != self.in_features() {
+            candle_core::bail!(
+                "linear expects {} input features, got shape {dims:?}",
+                self.in_features()
+            );
+        }
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, in_dim))?.contiguous()?;
+        let mut y = self.frozen_forward(&x2)?;
+        if let Some(l) = &self.lora {
+            let h = if self.is_training() && l.dropout > 0.0 {
+                l.dropout(&x2)?
+            } else {
+                x2
+            };
+            let z = h.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+            y = (y + (z * l.scale)?)?;
+        }
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.out_features());
+        y.reshape(out_dims)
+    }
+
+    fn in_features(&self) -> usize {
+        self.weight.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.weight.out_features
+    }
+
+    fn trainable_vars(&self) -> Vec<Var> {
+        self.lora
+            .iter()
+            .flat_map(|l| [l.a.clone(), l.b.clone()])
+            .collect()
+    }
+
+    /// `dy · (dequant(W) + scale · B A)`, dropout not applied (it is the derivative of the
+    /// eval-mode map).
+    fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        let dims = dy.dims();
+        let Some((&out_dim, lead)) = dims.split_last() else {
+            candle_core::bail!("input_grad needs at least one dimension");
+        };
+        let rows: usize = lead.iter().product();
+        let dy2 = dy.detach().reshape((rows, out_dim))?.contiguous()?;
+        let mut dx = dy2.apply_op1_no_bwd(&Nf4MatmulGrad {
+            w: self.weight.clone(),
+            tile_rows: self.tile_rows,
+        })?;
+        if let Some(l) = &self.lora {
+            let z = dy2
+                .matmul(&l.b.as_tensor().detach())?
+                .matmul(&l.a.as_tensor().detach())?;
+            dx = (dx + (z * l.scale)?)?;
+        }
+        let mut in_dims = lead.to_vec();
+        in_dims.push(self.in_features());
+        dx.reshape(in_dims)
+    }
+
+    fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed);
+    }
+}
+
+/// One adapter a [`QLoraBuilder`] created, by checkpoint weight name (for saving in PEFT's
+/// layout: `model.layers.0.self_attn.q_proj.weight` -> `...q_proj.lora_A.weight`).
+#[derive(Debug, Clone)]
+pub struct NamedAdapter {
+    pub name: String,
+    pub role: LinearRole,
+    pub layer: Option<usize>,
+    pub a: Var,
+    pub b: Var,
+}
+
+/// Quantizes each projection to NF4 as the checkpoint streams in (the f32 copy is dropped
+/// right after) and attaches LoRA adapters to the `targets`. The lm_head stays a frozen f32
+/// dense layer: for tied checkpoints it is the embedding, held in f32 anyway.
+#[derive(Debug, Clone)]
+pub struct QLoraBuilder {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub rslora: bool,
+    pub targets: Vec<LinearRole>,
+    pub seed: u64,
+    /// Where the adapters (and the lm_head) live.
+    pub device: Device,
+    adapters: Vec<NamedAdapter>,
+}
+
+impl QLoraBuilder {
+    /// The paper's setup (design §5): r 32, alpha 64, dropout 0.05, all seven projections.
+    pub fn new(device: &Device) -> Self {
+        Self {
+            rank: 32,
+            alpha: 64.0,
+            dropout: 0.05,
+            rslora: false,
+            targets: vec![
+                LinearRole::QProj,
+                LinearRole::KProj,
+                LinearRole::VProj,
+                LinearRole::OProj,
+                LinearRole::GateProj,
+                LinearRole::UpProj,
+                LinearRole::DownProj,
+            ],
+            seed: 0,
+            device: device.clone(),
+            adapters: Vec::new(),
+        }
+    }
+
+    pub fn lora_config(&self) -> LoraConfig {
+        LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            rslora: self.rslora,
+        }
+    }
+
+    /// The adapters built so far, in load order.
+    pub fn adapters(&self) -> &[NamedAdapter] {
+        &self.adapters
+    }
+
+    fn wrap(
+        &mut self,
+        name: String,
+        role: LinearRole,
+        layer: Option<usize>,
+        nf4: Nf4Tensor,
+    ) -> Result<Box<dyn Linear>> {
+        if !self.targets.contains(&role) {
+            return Ok(Box::new(QLoraLinear::frozen(nf4)?));
+        }
+        let seed = layer_seed(self.seed, &name);
+        let lin = QLoraLinear::new(nf4, &self.lora_config(), seed, &self.device)?;
+        let l = lin.adapter().expect("just attached");
+        self.adapters.push(NamedAdapter {
+            name,
+            role,
+            layer,
+            a: l.a.clone(),
+            b: l.b.clone(),
+        });
+        Ok(Box::new(lin))
+    }
+}
+
+impl LinearBuilder for QLoraBuilder {
+    fn build(&mut self, w: LinearWeight) -> Result<Box<dyn Linear>> {
+        if w.role == LinearRole::LmHead {
+            return Ok(Box::new(DenseLinear::new(
+                w.weight.to_device(&self.device)?,
+            )?));
+        }
+        let shape = w.weight.dims().to_vec();
+        let nf4 = {
+            let data = w
+                .weight
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            Nf4Tensor::quantize_f32(&data, &shape)
+        };
+        drop(w.weight);
+        self.wrap(w.name, w.role, w.layer, nf4)
+    }
+
+    /// Pre-quantized weights go in as they are: no dequantize / re-quantize round trip.
+    fn build_quantized(&mut self, w: QuantizedWeight) -> Result<Box<dyn Linear>> {
+        self.wrap(w.name, w.role, w.layer, w.weight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values with a spread of magnitudes per block.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix64(seed);
+        (0..n)
+            .map(|i| (2.0 * rng.next_f32() - 1.0) * (1.0 + (i % 7) as f32))
+            .collect()
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    #[test]
+    fn tiles_align_to_blocks_and_dequantize_like_the_whole_tensor() {
+        // in = 40: gcd(40, 64) = 8, so tiles are multiples of 8 rows (8 * 40 = 320 = 5 blocks);
+        // 37 rows leave a partial last block (1480 = 23 * 64 + 8).
+        let (out, inp) = (37, 40);
+        let nf4 = Nf4Tensor::quantize_f32(&values(out * inp, 1), &[out, inp]);
+        let full = nf4.dequantize();
+        let w = Nf4Weight::new(nf4).unwrap();
+        for budget in [1, 100, 321, 10_000] {
+            let rows = w.tile_rows(budget);
+            assert_eq!(rows % 8, 0, "budget {budget}: {rows} rows");
+            let mut r0 = 0;
+            while r0 < out {
+                let r1 = (r0 + rows).min(out);
+                let mut tile = vec![0f32; (r1 - r0) * inp];
+                w.dequantize_rows(r0, r1, &mut tile);
+                assert_eq!(tile, full[r0 * inp..r1 * inp], "rows {r0}..{r1}");
+                r0 = r1;
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_products_match_dense_products() {
+        let (out, inp, m) = (37, 40, 5);
+        let nf4 = Nf4Tensor::quantize_f32(&values(out * inp, 2), &[out, inp]);
+        let dense = nf4.dequantize();
+        let w = Nf4Weight::new(nf4).unwrap();
+        let x = values(m * inp, 3);
+        let dy = values(m * out, 4);
+        let mut want_y = vec![0f32; m * out];
+        let mut want_dx = vec![0f32; m * inp];
+        for i in 0..m {
+            for o in 0..out {
+                let mut acc = 0f64;
+                for k in 0..inp {
+                    acc += x[i * inp + k] as f64 * dense[o * inp + k] as f64;
+                    want_dx[i * inp + k] += dy[i * out + o] * dense[o * inp + k];
+                }
+                want_y[i * out + o] = acc as f32;
+            }
+        }
+        // One tile, several tiles, and one row-group per tile.
+        for rows in [w.tile_rows(usize::MAX / 2), w.tile_rows(300), 8] {
+            let y = w.matmul_t(&x, m, rows);
+            let dx = w.matmul(&dy, m, rows);
+            assert!(max_abs_diff(&y, &want_y) < 1e-4, "y, {rows} rows per tile");
+            assert!(
+                max_abs_diff(&dx, &want_dx) < 1e-4,
+                "dx, {rows} rows per tile"
+            );
+        }
+    }
+
+    #[test]
+    fn kaiming_uniform_bound_and_zero_b() -> Result<()> {
+        let cfg = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            rslora: false,
+        };
+        let l = LoraAdapter::init(&cfg, 100, 6, 7, &Device::Cpu)?;
+        let a = l.a.flatten_all()?.to_vec1::<f32>()?;
+        let bound = 0.1f32;
+        assert!(a.iter().all(|v| v.abs() <= bound));
+        // 400 uniform draws: the extremes come close to the bound and both signs appear.
+        let max = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(max > 0.9 * bound, "max |A| {max}");
+        assert!(a.iter().any(|&v| v < 0.0) && a.iter().any(|&v| v > 0.0));
+        assert!(l
+            .b
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|&v| v == 0.0));
+        assert_eq!(l.scale, 2.0);
+        let rs = LoraConfig {
+            rslora: true,
+            ..cfg
+        };
+        assert_eq!(rs.scale(), 4.0);
+        // Same seed, same A; another seed, another A.
+        let again = LoraAdapter::init(&cfg, 100, 6, 7, &Device::Cpu)?;
+        assert_eq!(again.a.flatten_all()?.to_vec1::<f32>()?, a);
+        let other = LoraAdapter::init(&cfg, 100, 6, 8, &Device::Cpu)?;
+        assert_ne!(other.a.flatten_all()?.to_vec1::<f32>()?, a);
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_is_inverted_and_seeded() -> Result<()> {
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 2.0,
+            dropout: 0.25,
+            rslora: false,
+        };
+        let x = Tensor::ones((50, 40), DType::F32, &Device::Cpu)?;
+        let draw = |seed| -> Result<Vec<f32>> {
+            let l = LoraAdapter::init(&cfg, 40, 3, seed, &Device::Cpu)?;
+            l.dropout(&x)?.flatten_all()?.to_vec1::<f32>()
+        };
+        let d = draw(11)?;
+        let keep = 1.0 / 0.75;
+        assert!(d.iter().all(|&v| v == 0.0 || v == keep));
+        let dropped = d.iter().filter(|&&v| v == 0.0).count() as f64 / d.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.04, "dropped fraction {dropped}");
+        assert_eq!(draw(11)?, d);
+        assert_ne!(draw(12)?, d);
+        Ok(())
+    }
+
+    fn tensor_max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn max_abs(a: &Tensor) -> f32 {
+        a.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn t(data: Vec<f32>, shape: &[usize]) -> Tensor {
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    /// A layer `[out 37, in 40]` with rank-3 adapter whose B is non-zero (a trained state),
+    /// tiled in 8-row tiles so the kernels cross several tile and block boundaries.
+    fn trained_layer() -> (QLoraLinear, Tensor) {
+        let (out, inp, r) = (37, 40, 3);
+        let nf4 = Nf4Tensor::quantize_f32(&values(out * inp, 5), &[out, inp]);
+        let dense = t(nf4.dequantize(), &[out, inp]);
+        let a = Var::from_tensor(&(t(values(r * inp, 6), &[r, inp]) * 0.1).unwrap()).unwrap();
+        let b = Var::from_tensor(&(t(values(out * r, 7), &[out, r]) * 0.1).unwrap()).unwrap();
+        let lora = LoraAdapter::from_vars(a, b, 0.5, 0.0, 0).unwrap();
+        let mut lin = QLoraLinear::with_adapter(nf4, Some(lora)).unwrap();
+        lin.set_tile_elems(1);
+        assert_eq!(lin.tile_rows(), 8);
+        (lin, dense)
+    }
+
+    #[test]
+    fn forward_and_input_gradient_match_the_dense_dequantized_layer() -> Result<()> {
+        let (lin, dense) = trained_layer();
+        let l = lin.adapter().unwrap();
+        let x = Var::from_tensor(&t(values(2 * 3 * 40, 8), &[2, 3, 40]))?;
+        let upstream = t(values(2 * 3 * 37, 9), &[2, 3, 37]);
+
+        let y = lin.forward(x.as_tensor())?;
+        assert_eq!(y.dims(), &[2, 3, 37]);
+        let grads = (&y * &upstream)?.sum_all()?.backward()?;
+
+        // The same map with candle's dense ops on the dequantized weight.
+        let x2 = x.as_tensor().reshape((6, 40))?;
+        let want_y = (x2.matmul(&dense.t()?)?
+            + (x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?
+            .reshape((2, 3, 37))?;
+        let want_grads = (&want_y * &upstream)?.sum_all()?.backward()?;
+        // Only the f32 summation order differs (tiles, gemm blocking): relative 1e-6.
+        let rel = |a: &Tensor, b: &Tensor| tensor_max_diff(a, b) / max_abs(b);
+        let dy = rel(&y, &want_y);
+        assert!(dy < 1e-6, "forward differs by {dy} (relative)");
+        for (what, v) in [
+            ("x", x.as_tensor()),
+            ("A", l.a.as_tensor()),
+            ("B", l.b.as_tensor()),
+        ] {
+            let d = rel(grads.get(v).unwrap(), want_grads.get(v).unwrap());
+            assert!(d < 1e-6, "d{what} differs by {d} (relative)");
+        }
+        // input_grad (used by the chunked loss) is the same dx outside the graph.
+        let ig = lin.input_grad(&upstream)?;
+        let d = rel(&ig, want_grads.get(x.as_tensor()).unwrap());
+        assert!(d < 1e-6, "input_grad differs by {d} (relative)");
+        Ok(())
+    }
+
+    #[test]
+    fn only_the_adapter_is_trainable_and_no_weight_gradient_is_built() -> Result<()> {
+        let (lin, _) = trained_layer();
+        let vars = lin.trainable_vars();
+        assert_eq!(vars.len(), 2);
+        assert_eq!(vars[0].dims(), &[3, 40]);
+        assert_eq!(vars[1].dims(), &[37, 3]);
+        let x = Var::from_tensor(&t(values(4 * 40, 10), &[4, 40]))?;
+        let grads = lin.forward(x.as_tensor())?.sqr()?.sum_all()?.backward()?;
+        let shapes: Vec<Vec<usize>> = grads
+            .get_ids()
+            .map(|id| grads.get_id(*id).unwrap().dims().to_vec())
+            .collect();
+        for shape in &shapes {
+            assert!(
+                shape != &[37, 40] && shape != &[40, 37],
+                "a frozen-weight-shaped gradient {shape:?} was built"
+            );
+        }
+        // The gradients that must exist do.
+        for v in vars.iter().chain([&x]) {
+            assert!(grads.get(v.as_tensor()).is_some());
+        }
+        assert!(
+            QLoraLinear::frozen(Nf4Tensor::quantize_f32(&values(64, 1), &[8, 8]))?
+                .trainable_vars()
+                .is_empty()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_acts_in_train_mode_only() -> Result<()> {
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.5,
+            rslora: false,
+        };
+        let nf4 = Nf4Tensor::quantize_f32(&values(16 * 32, 12), &[16, 32]);
+        let lin = QLoraLinear::new(nf4, &cfg, 3, &Device::Cpu)?;
+        let l = lin.adapter().unwrap();
+        // A non-zero B so the adapter path shows in the output.
+        l.b.set(&Tensor::ones((16, 2), DType::F32, &Device::Cpu)?)?;
+        let x = t(values(4 * 32, 13), &[4, 32]);
+        let eval1 = lin.forward(&x)?;
+        let eval2 = lin.forward(&x)?;
+        assert_eq!(tensor_max_diff(&eval1, &eval2), 0.0);
+        lin.set_training(true);
+        let train1 = lin.forward(&x)?;
+        let train2 = lin.forward(&x)?;
+        assert!(tensor_max_diff(&train1, &eval1) > 1e-3);
+        // Each call draws a fresh mask.
+        assert!(tensor_max_diff(&train1, &train2) > 1e-3);
+        lin.set_training(false);
+        assert_eq!(tensor_max_diff(&lin.forward(&x)?, &eval1), 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn builder_quantizes_targets_with_adapters_and_freezes_the_rest() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut builder = QLoraBuilder::new(&dev);
+        builder.rank = 4;
+        builder.alpha = 8.0;
+        builder.targets = vec![LinearRole::QProj];
+        builder.seed = 42;
+        let w = t(values(24 * 64, 14), &[24, 64]);
+        let mk = |name: &str, role| LinearWeight {
+            name: name.into(),
+            role,
+            layer: if role == LinearRole::LmHead {
+                None
+            } else {
+                Some(0)
+            },
+            weight: w.clone(),
+        };
+        let q = builder.build(mk(
+            "model.layers.0.self_attn.q_proj.weight",
+            LinearRole::QProj,
+        ))?;
+        let k = builder.build(mk(
+            "model.layers.0.self_attn.k_proj.weight",
+            LinearRole::KProj,
+        ))?;
+        let head = builder.build(mk("model.embed_tokens.weight", LinearRole::LmHead))?;
+        assert_eq!(q.trainable_vars().len(), 2);
+        assert!(k.trainable_vars().is_empty() && head.trainable_vars().is_empty());
+        assert_eq!(builder.adapters().len(), 1);
+        assert_eq!(
+            builder.adapters()[0].name,
+            "model.layers.0.self_attn.q_proj.weight"
+        );
+        assert_eq!(builder.adapters()[0].a.dims(), &[4, 64]);
+        // B = 0: the adapted layer equals the frozen one; both are the NF4 approximation.
+        let x = t(values(3 * 64, 15), &[3, 64]);
+        let (yq, yk) = (q.forward(&x)?, k.forward(&x)?);
+        assert_eq!(tensor_max_diff(&yq, &yk), 0.0);
+        let exact = x.matmul(&w.t()?)?;
+        let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+        let err = (norm(&(&yq - &exact)?) / norm(&exact))?.to_scalar::<f32>()?;
+        // 4-bit weights: a few percent of relative error, never zero.
+        assert!(err > 0.0 && err < 0.15, "NF4 relative error {err}");
+        // The lm_head is the f32 weight itself.
+        assert_eq!(tensor_max_diff(&head.forward(&x)?, &exact), 0.0);
+        // Same seed and name, same adapter.
+        let mut again = builder.clone();
+        again.build(mk(
+            "model.layers.0.self_attn.q_proj.weight",
+            LinearRole::QProj,
+        ))?;
+        let (a1, a2) = (&builder.adapters()[0].a, &again.adapters()[1].a);
+        assert_eq!(tensor_max_diff(a1, a2), 0.0);
+        Ok(())
+    }
+}
