@@ -14,6 +14,8 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// NF4 -> f32 dequantization throughput versus a copy of the same output size.
     Quant(QuantBenchArgs),
+    /// Sandboxed scoring throughput versus an in-process `exec` scorer on the same programs.
+    Sandbox(crate::bench_sandbox::BenchSandboxArgs),
 }
 
 #[derive(Args, Debug)]
@@ -36,6 +38,7 @@ pub struct QuantBenchArgs {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
+        BenchCommand::Sandbox(a) => crate::bench_sandbox::run(a),
         BenchCommand::Quant(a) => {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(a.threads.unwrap_or(0))

@@ -5,6 +5,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_sandbox;
+mod eval;
 mod quantize;
 mod safetensors_out;
 
@@ -25,6 +27,8 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Benchmarks that print a ratio against a baseline measured in the same run.
     Bench(bench::BenchArgs),
+    /// Run predictions against a split's asserts in the sandbox: pass@1 and error classes.
+    Eval(eval::EvalArgs),
 }
 
 fn main() -> Result<()> {
@@ -32,5 +36,6 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Quantize(args) => quantize::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }

@@ -1,0 +1,194 @@
+//! `rupantor eval`: runs predictions against a split's asserts in the sandbox and
+//! reports pass@1 with the failure classes.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use rupantor_exec::{
+    extract_code, pair_predictions, protections, read_predictions, run_many, SandboxConfig, Score,
+    Verdict, VerdictClass,
+};
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Predictions: the task's submission.json (`[{"id", "response"}]`) or JSONL, one
+    /// `{"id", "response"}` a line. Fenced responses (```python ... ```) are unwrapped.
+    #[arg(long)]
+    pub predictions: PathBuf,
+    /// Split: trial, dev, test, or a problems file (.jsonl/.json/.csv).
+    #[arg(long, default_value = "dev")]
+    pub split: String,
+    /// Data folder (default: $RUPANTOR_DATA, then data/blp25).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Write DIR/verdicts.jsonl: {"id", "passed", "class", "trace"} per predicted problem.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Make the last stdout line one JSON object {"n", "passed", "pass@1", "by_class"}.
+    #[arg(long)]
+    pub json: bool,
+    /// Parallel sandbox workers (default: the cores available).
+    #[arg(short = 'j', long = "jobs")]
+    pub jobs: Option<usize>,
+    /// Wall-time and CPU-time limit per program, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let data_dir = rupantor_data::data_dir(args.data.as_deref());
+    let problems = rupantor_data::load_split(&data_dir, &args.split)
+        .with_context(|| format!("loading split {:?}", args.split))?;
+    let predictions = read_predictions(&args.predictions)?;
+    let ids: Vec<u64> = problems.iter().map(|p| p.id).collect();
+    let (paired, unknown) = pair_predictions(&ids, predictions);
+    if !unknown.is_empty() {
+        eprintln!(
+            "warning: {} prediction(s) for ids not in the split, ignored: {}",
+            unknown.len(),
+            list_ids(&unknown)
+        );
+    }
+
+    let limit = Duration::from_secs_f64(args.timeout.max(0.1));
+    let cfg = SandboxConfig {
+        wall_time: limit,
+        cpu_time: limit,
+        ..SandboxConfig::default()
+    };
+    let prot = protections(&cfg);
+    if !prot.usable {
+        anyhow::bail!(
+            "the sandbox cannot run here: {}",
+            prot.why_not.unwrap_or_default()
+        );
+    }
+    let workers = args
+        .jobs
+        .unwrap_or_else(rupantor_exec::default_workers)
+        .max(1);
+    let mut job_ids = Vec::new();
+    let mut jobs = Vec::new();
+    for ((id, response), problem) in paired.iter().zip(&problems) {
+        if let Some(response) = response {
+            job_ids.push(*id);
+            jobs.push((extract_code(response), problem.test_list.clone()));
+        }
+    }
+
+    let bar = ProgressBar::new(jobs.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("eval");
+    let verdicts = run_many(&cfg, &jobs, workers, |done| bar.set_position(done as u64));
+    bar.finish_and_clear();
+
+    let by_id: std::collections::HashMap<u64, &Verdict> =
+        job_ids.iter().copied().zip(&verdicts).collect();
+    let score = Score::new(ids.iter().map(|id| (*id, by_id.get(id).copied())));
+
+    if let Some(dir) = &args.out {
+        let path = write_verdicts(dir, &job_ids, &verdicts)?;
+        eprintln!("wrote {}", path.display());
+    }
+
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{} on {} ({} problems, {} workers, sandbox: {})",
+        args.predictions.display(),
+        args.split,
+        score.n,
+        workers,
+        if prot.namespaces {
+            "namespaces"
+        } else {
+            "fallback without namespaces"
+        }
+    )?;
+    writeln!(
+        out,
+        "pass@1: {:.4} ({}/{})",
+        score.pass_at_1(),
+        score.passed,
+        score.n
+    )?;
+    writeln!(out, "{:<16} {:>6} {:>7}", "class", "count", "share")?;
+    for class in VerdictClass::ALL {
+        let count = score.by_class.get(&class).copied().unwrap_or(0);
+        if count > 0 {
+            writeln!(
+                out,
+                "{:<16} {:>6} {:>6.1}%",
+                class.as_str(),
+                count,
+                share(count, score.n)
+            )?;
+        }
+    }
+    if !score.missing.is_empty() {
+        writeln!(
+            out,
+            "{:<16} {:>6} {:>6.1}%",
+            "missing",
+            score.missing.len(),
+            share(score.missing.len(), score.n)
+        )?;
+        writeln!(
+            out,
+            "missing predictions (counted as failures): {}",
+            list_ids(&score.missing)
+        )?;
+    }
+    if args.json {
+        writeln!(out, "{}", score.to_json())?;
+    }
+    Ok(())
+}
+
+fn share(count: usize, n: usize) -> f64 {
+    if n == 0 {
+        0.0
+    } else {
+        100.0 * count as f64 / n as f64
+    }
+}
+
+fn list_ids(ids: &[u64]) -> String {
+    ids.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Writes `dir/verdicts.jsonl` atomically (a temporary file in `dir`, then a rename).
+fn write_verdicts(dir: &Path, ids: &[u64], verdicts: &[Verdict]) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("verdicts.jsonl");
+    let tmp = dir.join(format!(".verdicts.jsonl.{}.tmp", std::process::id()));
+    let mut text = String::new();
+    for (id, v) in ids.iter().zip(verdicts) {
+        let row =
+            serde_json::json!({"id": id, "passed": v.passed, "class": v.class, "trace": v.trace});
+        text.push_str(&row.to_string());
+        text.push('\n');
+    }
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    Ok(path)
+}
