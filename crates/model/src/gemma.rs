@@ -34,18 +34,54 @@ pub struct LayerWeights {
     pub k_norm: Option<Tensor>,
 }
 
+/// Keys and values of one layer, `[batch, kv_heads, capacity, head_dim]`, written in place.
+/// Position `p` lives in slot `p % capacity`; only a sliding layer's buffer, whose capacity
+/// stops at the window, ever wraps.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+}
+
+impl LayerKv {
+    fn capacity(&self) -> usize {
+        self.k.dims().get(2).copied().unwrap_or(0)
+    }
+
+    fn batch(&self) -> usize {
+        self.k.dims().first().copied().unwrap_or(0)
+    }
+}
+
 /// Per-layer key/value cache for incremental decoding. Keys are stored after q/k-norm and RoPE.
-#[derive(Debug, Clone)]
+///
+/// Each layer owns a preallocated buffer written with in-place slice copies, so a decode step
+/// copies only its own new keys/values (never the whole history, as concatenation would).
+/// Global layers hold every position; sliding-window layers hold at most `window` positions in
+/// a ring buffer, since no query can see further back. Buffers are allocated on the first
+/// forward with [`KvCache::reserve`] positions (`Gemma::new_cache_with_capacity`); a cache
+/// without a reservation, or one that outgrows it, doubles its buffers (amortised linear
+/// copying). Not `Clone`: two handles would write into the same buffers. After a forward
+/// call fails half-way, [`KvCache::clear`] it.
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     len: usize,
+    reserve: usize,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
+        Self::with_capacity(num_layers, 0)
+    }
+
+    /// A cache whose buffers are allocated for `max_len` positions on first use (sliding
+    /// layers: `min(max_len, window)`).
+    pub fn with_capacity(num_layers: usize, max_len: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
+            reserve: max_len,
         }
     }
 
@@ -58,10 +94,191 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Positions the buffers are allocated for up front.
+    pub fn reserve(&self) -> usize {
+        self.reserve
+    }
+
+    /// Rows of the batch the cache holds (0 before the first forward).
+    pub fn batch_size(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .map_or(0, LayerKv::batch)
+    }
+
+    /// Slots allocated per layer (sliding layers stop at their window).
+    pub fn capacities(&self) -> Vec<usize> {
+        self.layers
+            .iter()
+            .map(|l| l.as_ref().map_or(0, LayerKv::capacity))
+            .collect()
+    }
+
+    /// Drops everything; buffers are reallocated on the next forward.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
         self.len = 0;
     }
+
+    /// Keeps only batch rows `rows` (in that order), e.g. to drop finished sequences from a
+    /// batched generation. Copies each buffer once.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let b = self.batch_size();
+        if let Some(&r) = rows.iter().find(|&&r| r >= b) {
+            candle_core::bail!("select_rows: row {r} out of a batch of {b}");
+        }
+        if rows.is_empty() {
+            self.clear();
+            return Ok(());
+        }
+        let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        for l in self.layers.iter_mut().flatten() {
+            let idx = Tensor::from_vec(ids.clone(), ids.len(), l.k.device())?;
+            l.k = l.k.index_select(&idx, 0)?;
+            l.v = l.v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// How one forward call uses one kind of layer cache (global, or sliding with a window):
+/// the buffer capacity after growth and the key columns attention reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct KvPlan {
+    /// Positions cached before this call.
+    start: usize,
+    /// New positions in this call.
+    new: usize,
+    /// Buffer capacity for this call (grown if the buffer is smaller).
+    cap: usize,
+    /// Attend over `cat(buffer, new)` and write afterwards: a multi-token call whose queries
+    /// need keys that writing into the ring would already have overwritten.
+    concat: bool,
+}
+
+impl KvPlan {
+    fn new(
+        start: usize,
+        new: usize,
+        current: usize,
+        reserve: usize,
+        window: Option<usize>,
+    ) -> Self {
+        let end = start + new;
+        let limit = window.unwrap_or(usize::MAX);
+        let want = end.min(limit);
+        let cap = if current >= want {
+            current
+        } else {
+            want.max(reserve.max(2 * current).min(limit))
+        };
+        // Queries start..end see keys from start + 1 - window on.
+        let needed = window.map_or(end, |w| end.min(new + w - 1));
+        Self {
+            start,
+            new,
+            cap,
+            concat: needed > cap,
+        }
+    }
+
+    /// Absolute position of every key column attention reads, in order.
+    fn key_positions(&self) -> Vec<usize> {
+        let end = self.start + self.new;
+        if self.concat {
+            let mut p = ring_positions(self.start, self.cap);
+            p.extend(self.start..end);
+            p
+        } else {
+            ring_positions(end, self.cap)
+        }
+    }
+}
+
+/// Positions held by a buffer of `cap` slots once positions `0..end` were written to slot
+/// `p % cap`: slot `j` holds the newest such position.
+fn ring_positions(end: usize, cap: usize) -> Vec<usize> {
+    (0..end.min(cap))
+        .map(|j| j + (end - 1 - j) / cap * cap)
+        .collect()
+}
+
+/// Writes this call's keys/values (`[b, kv_heads, new, head_dim]`) into the layer's buffer,
+/// growing it to `plan.cap`, and returns the keys/values attention reads, in the column order
+/// of [`KvPlan::key_positions`].
+fn update_layer_cache(
+    slot: &mut Option<LayerKv>,
+    k: Tensor,
+    v: Tensor,
+    plan: KvPlan,
+) -> Result<(Tensor, Tensor)> {
+    let (b, nkv, s, hd) = k.dims4()?;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let old = slot.take();
+    if let Some(o) = &old {
+        if o.batch() != b {
+            candle_core::bail!("kv cache holds a batch of {}, input has {b}", o.batch());
+        }
+        if o.capacity() > plan.cap {
+            candle_core::bail!(
+                "kv cache layer holds {} slots, more than the {} planned",
+                o.capacity(),
+                plan.cap
+            );
+        }
+    }
+    let buf = match old {
+        Some(o) if o.capacity() == plan.cap => o,
+        old => {
+            let shape = (b, nkv, plan.cap, hd);
+            let grown = LayerKv {
+                k: Tensor::zeros(shape, k.dtype(), k.device())?,
+                v: Tensor::zeros(shape, v.dtype(), v.device())?,
+            };
+            // Growth happens only before a buffer wraps, so slots keep their positions.
+            if let Some(o) = old {
+                grown.k.slice_set(&o.k, 2, 0)?;
+                grown.v.slice_set(&o.v, 2, 0)?;
+            }
+            grown
+        }
+    };
+    let (start, cap) = (plan.start, plan.cap);
+    let end = start + s;
+    let write = |buf: &LayerKv| -> Result<()> {
+        let mut p = start.max(end.saturating_sub(cap));
+        while p < end {
+            let at = p % cap;
+            let n = (end - p).min(cap - at);
+            buf.k
+                .slice_set(&k.narrow(2, p - start, n)?.contiguous()?, 2, at)?;
+            buf.v
+                .slice_set(&v.narrow(2, p - start, n)?.contiguous()?, 2, at)?;
+            p += n;
+        }
+        Ok(())
+    };
+    let held = |buf: &LayerKv, end: usize| -> Result<(Tensor, Tensor)> {
+        let n = end.min(cap);
+        Ok((buf.k.narrow(2, 0, n)?, buf.v.narrow(2, 0, n)?))
+    };
+    let out = if plan.concat {
+        let out = if start == 0 {
+            (k.clone(), v.clone())
+        } else {
+            let (pk, pv) = held(&buf, start)?;
+            (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
+        };
+        write(&buf)?;
+        out
+    } else {
+        write(&buf)?;
+        held(&buf, end)?
+    };
+    *slot = Some(buf);
+    Ok(out)
 }
 
 /// Gemma RMSNorm: `x / rms(x) * (1 + w)`, in f32 whatever the activation dtype.
@@ -144,18 +361,44 @@ impl Rope {
         dev: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(seq * half * 2);
-        let mut sin = Vec::with_capacity(seq * half * 2);
-        for p in start..start + seq {
+        let (cos, sin) = self.values(start..start + seq);
+        let cos = Tensor::from_vec(cos, (seq, 2 * half), dev)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (seq, 2 * half), dev)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Per-row tables `[batch, 1, seq, head_dim]`: row `r`'s token at index `start + i` takes
+    /// position `start + i - shift[r]` (0 for the padding before it).
+    fn row_tables(
+        &self,
+        start: usize,
+        seq: usize,
+        shift: &[usize],
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let positions = shift
+            .iter()
+            .flat_map(|&sh| (start..start + seq).map(move |p| p.saturating_sub(sh)));
+        let (cos, sin) = self.values(positions);
+        let shape = (shift.len(), 1, seq, 2 * self.inv_freq.len());
+        Ok((
+            Tensor::from_vec(cos, shape, dev)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, dev)?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// cos and sin rows (rotate-half layout) for each position, flattened.
+    fn values(&self, positions: impl Iterator<Item = usize>) -> (Vec<f32>, Vec<f32>) {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in positions {
             let angles: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos()));
                 sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
-        let cos = Tensor::from_vec(cos, (seq, 2 * half), dev)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (seq, 2 * half), dev)?.to_dtype(dtype)?;
-        Ok((cos, sin))
+        (cos, sin)
     }
 }
 
@@ -189,7 +432,7 @@ impl Attention {
         x: &Tensor,
         (cos, sin): &(Tensor, Tensor),
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<LayerKv>, KvPlan)>,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -218,16 +461,15 @@ impl Attention {
         };
         let q = apply_rope(&q, cos, sin)?;
         let k = apply_rope(&k, cos, sin)?;
-        let (k, v) = match cache {
-            Some(slot) => {
-                let (k, v) = match slot.as_ref() {
-                    Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                    None => (k.contiguous()?, v.contiguous()?),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
+        // With a cache, k/v are views of its buffers (strided along the position axis), which
+        // both the CPU gemm and cuBLAS take as they are: copying them would cost as much as
+        // the concatenation the buffers avoid.
+        let (k, v, cached) = match cache {
+            Some((slot, plan)) => {
+                let (k, v) = update_layer_cache(slot, k, v, plan)?;
+                (k, v, true)
             }
-            None => (k, v),
+            None => (k, v, false),
         };
         let kv_len = k.dim(2)?;
         // GQA without materialising repeated K/V: query head h uses kv head h / n_rep (HF's
@@ -235,14 +477,17 @@ impl Attention {
         // turns attention into one batched matmul per kv head.
         let n_rep = nh / nkv;
         let q = q.contiguous()?.reshape((b, nkv, n_rep * s, hd))?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let (kt, v) = if cached {
+            (k.t()?, v)
+        } else {
+            (k.t()?.contiguous()?, v.contiguous()?)
+        };
+        let scores = q.matmul(&kt)?;
         let scores = (scores.reshape((b, nh, s, kv_len))? * self.scale)?;
         let scores = softcap(&scores, self.softcap)?;
         let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
         let probs = softmax_last_dim(&scores)?;
-        let out = probs
-            .reshape((b, nkv, n_rep * s, kv_len))?
-            .matmul(&v.contiguous()?)?;
+        let out = probs.reshape((b, nkv, n_rep * s, kv_len))?.matmul(&v)?;
         let out = out
             .reshape((b, nh, s, hd))?
             .transpose(1, 2)?
@@ -284,7 +529,7 @@ impl DecoderLayer {
         x: &Tensor,
         rope: &(Tensor, Tensor),
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<LayerKv>, KvPlan)>,
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
         let h = self.attn.forward(&h, rope, mask, cache)?;
@@ -467,9 +712,15 @@ impl Gemma {
         self.lm_head.as_ref()
     }
 
-    /// An empty cache sized for this model.
+    /// An empty cache for this model that grows as needed.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
+    }
+
+    /// An empty cache whose buffers are allocated once for `max_len` positions (prompt plus new
+    /// tokens); sliding layers take at most their window.
+    pub fn new_cache_with_capacity(&self, max_len: usize) -> KvCache {
+        KvCache::with_capacity(self.layers.len(), max_len)
     }
 
     /// Every trainable variable of every linear layer (including the lm_head).
@@ -542,6 +793,38 @@ impl Gemma {
         &self,
         input_ids: &Tensor,
         start_pos: usize,
+        cache: Option<&mut KvCache>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.forward_impl(input_ids, start_pos, None, cache, attention_mask)
+    }
+
+    /// [`Gemma::forward_hidden`] for a left-padded batch with per-row positions: row `r` has
+    /// `left_pad[r]` padding tokens first, and its token at cache index `i` is rotated as
+    /// position `i - left_pad[r]` (padding slots as 0), which is what HF's `generate` feeds
+    /// (`cumsum(attention_mask) - 1`). A padded row then sees exactly the RoPE angles it would
+    /// alone. Masks, the sliding window included, keep counting cache indices as HF's do; the
+    /// padding itself must be masked out by `attention_mask`.
+    pub fn forward_hidden_padded(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
+        left_pad: &[usize],
+        cache: Option<&mut KvCache>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let b = input_ids.dim(0)?;
+        if left_pad.len() != b {
+            candle_core::bail!("left_pad has {} rows, input_ids {b}", left_pad.len());
+        }
+        self.forward_impl(input_ids, start_pos, Some(left_pad), cache, attention_mask)
+    }
+
+    fn forward_impl(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
+        left_pad: Option<&[usize]>,
         mut cache: Option<&mut KvCache>,
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -549,7 +832,8 @@ impl Gemma {
         if s == 0 {
             candle_core::bail!("forward needs at least one token");
         }
-        let past = match cache.as_deref() {
+        let window = self.cfg.sliding_window;
+        let (past, plans) = match cache.as_deref() {
             Some(c) => {
                 if c.layers.len() != self.layers.len() {
                     candle_core::bail!(
@@ -561,9 +845,27 @@ impl Gemma {
                 if c.len != start_pos {
                     candle_core::bail!("start_pos {start_pos} but the cache holds {}", c.len);
                 }
-                c.len
+                if c.len > 0 && c.batch_size() != b {
+                    candle_core::bail!(
+                        "kv cache holds a batch of {}, input_ids has {b}",
+                        c.batch_size()
+                    );
+                }
+                // Every layer of a kind has seen the same calls, so the first one's capacity
+                // stands for all of them (update_layer_cache checks the rest).
+                let plan = |sliding: bool| {
+                    let current = self
+                        .layers
+                        .iter()
+                        .zip(&c.layers)
+                        .find(|(l, _)| l.sliding == sliding)
+                        .and_then(|(_, kv)| kv.as_ref())
+                        .map_or(0, LayerKv::capacity);
+                    KvPlan::new(c.len, s, current, c.reserve, sliding.then_some(window))
+                };
+                (c.len, Some((plan(false), plan(true))))
             }
-            None => 0,
+            None => (0, None),
         };
         let kv_len = past + s;
         let keep = match attention_mask {
@@ -580,24 +882,41 @@ impl Gemma {
         };
         let dev = self.device();
         let dtype = self.embed_tokens.dtype();
-        let mask_for = |window: Option<usize>| {
+        // Key columns: without a cache, this call's tokens; with one, what each kind of layer
+        // reads back from it.
+        let key_offset = start_pos - past;
+        let (full_keys, sliding_keys) = match &plans {
+            Some((full, sliding)) => (full.key_positions(), sliding.key_positions()),
+            None => {
+                let keys: Vec<usize> = (key_offset..key_offset + kv_len).collect();
+                (keys.clone(), keys)
+            }
+        };
+        let mask_for = |keys: &[usize], window: Option<usize>| {
             build_mask(
                 b,
                 s,
-                kv_len,
                 start_pos,
-                start_pos - past,
+                keys,
+                key_offset,
                 window,
                 keep.as_deref(),
                 dev,
             )
         };
-        let full_mask = mask_for(None)?;
-        let sliding_mask = mask_for(Some(self.cfg.sliding_window))?;
+        let full_mask = mask_for(&full_keys, None)?;
+        let sliding_mask = mask_for(&sliding_keys, Some(window))?;
         let tables = self
             .ropes
             .iter()
-            .map(|r| r.tables(start_pos, s, dtype, dev))
+            .map(|r| match left_pad {
+                // One shared table when every row has the same shift.
+                Some(pad) if pad.iter().any(|&p| p != pad[0]) => {
+                    r.row_tables(start_pos, s, pad, dtype, dev)
+                }
+                Some(pad) => r.tables(start_pos.saturating_sub(pad[0]), s, dtype, dev),
+                None => r.tables(start_pos, s, dtype, dev),
+            })
             .collect::<Result<Vec<_>>>()?;
 
         let ids = input_ids.flatten_all()?;
@@ -613,7 +932,13 @@ impl Gemma {
             } else {
                 &full_mask
             };
-            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let slot = match (cache.as_mut(), &plans) {
+                (Some(c), Some((full, sliding))) => Some((
+                    &mut c.layers[i],
+                    if layer.sliding { *sliding } else { *full },
+                )),
+                _ => None,
+            };
             x = layer.forward(&x, &tables[layer.rope], mask, slot)?;
         }
         if let Some(c) = cache {
@@ -623,30 +948,31 @@ impl Gemma {
     }
 }
 
-/// Additive attention mask `[batch or 1, 1, seq, kv_len]`: 0 where query `i` (absolute
-/// position `start_pos + i`) may see key `j` (absolute `key_offset + j`), [`MASKED`] elsewhere.
-/// The window counts absolute indices (padding included), as HF's mask does.
+/// Additive attention mask `[batch or 1, 1, seq, keys.len()]`: 0 where query `i` (absolute
+/// index `start_pos + i`) may see key column `j` (absolute index `keys[j]`), [`MASKED`]
+/// elsewhere. `keep[r]` is the attention mask indexed from `key_offset`. The window counts
+/// absolute indices (padding included), as HF's mask does.
 #[allow(clippy::too_many_arguments)]
 fn build_mask(
     b: usize,
     s: usize,
-    kv_len: usize,
     start_pos: usize,
+    keys: &[usize],
     key_offset: usize,
     window: Option<usize>,
     keep: Option<&[Vec<f32>]>,
     dev: &Device,
 ) -> Result<Tensor> {
     let rows = if keep.is_some() { b } else { 1 };
+    let kv_len = keys.len();
     let mut m = Vec::with_capacity(rows * s * kv_len);
     for r in 0..rows {
         for i in 0..s {
             let qp = start_pos + i;
-            for j in 0..kv_len {
-                let kp = key_offset + j;
+            for &kp in keys {
                 let visible = kp <= qp
                     && window.is_none_or(|w| qp - kp < w)
-                    && keep.is_none_or(|k| k[r][j] != 0.0);
+                    && keep.is_none_or(|k| k[r][kp - key_offset] != 0.0);
                 m.push(if visible { 0.0 } else { MASKED });
             }
         }
@@ -819,6 +1145,175 @@ mod tests {
             let d = max_abs_diff(&full, &inc);
             assert!(d < 1e-4, "{arch}: cached decoding differs by {d}");
         }
+        Ok(())
+    }
+
+    /// Logits of `toks` fed through a cache in calls of `chunks` tokens.
+    fn cached_logits(m: &Gemma, cache: &mut KvCache, toks: &[u32], chunks: &[usize]) -> Tensor {
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for &n in chunks {
+            let x = ids(&[&toks[at..at + n]]);
+            parts.push(m.forward(&x, at, Some(cache), None).unwrap());
+            at += n;
+        }
+        assert_eq!(at, toks.len());
+        Tensor::cat(&parts, 1).unwrap()
+    }
+
+    #[test]
+    fn ring_buffer_cache_matches_full_forward_for_any_chunking() -> Result<()> {
+        // Window 3, 13 tokens: the sliding layer's ring wraps four times; multi-token calls
+        // past the window take the concatenating path.
+        let toks: &[u32] = &[3, 9, 27, 4, 1, 44, 10, 2, 31, 17, 8, 49, 6];
+        let schedules: [&[usize]; 5] = [
+            &[1; 13],
+            &[5, 1, 1, 1, 1, 1, 1, 1, 1],
+            &[2, 2, 2, 2, 2, 2, 1],
+            &[13],
+            &[4, 1, 5, 3],
+        ];
+        for arch in ["gemma2", "gemma3_text"] {
+            let m = random_model(tiny_config(
+                r#"["sliding_attention", "full_attention", "sliding_attention"]"#,
+                arch,
+            ));
+            let full = m.forward(&ids(&[toks]), 0, None, None)?;
+            for chunks in schedules {
+                // No reservation (doubling), one too small (outgrown), one exact.
+                for reserve in [0, 4, toks.len()] {
+                    let mut cache = m.new_cache_with_capacity(reserve);
+                    let inc = cached_logits(&m, &mut cache, toks, chunks);
+                    let d = max_abs_diff(&full, &inc);
+                    assert!(
+                        d < 1e-4,
+                        "{arch} {chunks:?} reserve {reserve}: differs by {d}"
+                    );
+                    assert_eq!(cache.len(), toks.len());
+                    let caps = cache.capacities();
+                    // Sliding layers never hold more than the window.
+                    assert_eq!((caps[0], caps[2]), (3, 3), "{chunks:?} {reserve}");
+                    assert!(caps[1] >= toks.len());
+                    if reserve == toks.len() {
+                        assert_eq!(caps[1], toks.len(), "exact reservation must not grow");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn kv_plan_reads_the_right_positions() {
+        // Global layer: everything, in order, no matter the capacity.
+        let p = KvPlan::new(5, 2, 8, 0, None);
+        assert_eq!((p.cap, p.concat), (8, false));
+        assert_eq!(p.key_positions(), (0..7).collect::<Vec<_>>());
+        let p = KvPlan::new(8, 1, 8, 0, None);
+        assert_eq!(p.cap, 16);
+        // Sliding, window 4, decoding position 9 into a full ring: slot j holds the newest
+        // position congruent to j.
+        let p = KvPlan::new(9, 1, 4, 0, Some(4));
+        assert_eq!((p.cap, p.concat), (4, false));
+        assert_eq!(p.key_positions(), vec![8, 9, 6, 7]);
+        // Three new tokens at 9..12 need keys from 6 on: six positions, more than the ring.
+        let p = KvPlan::new(9, 3, 4, 0, Some(4));
+        assert!(p.concat);
+        assert_eq!(p.key_positions(), vec![8, 5, 6, 7, 9, 10, 11]);
+        // A prefill shorter than the window grows the buffer only as far as needed.
+        let p = KvPlan::new(0, 2, 0, 0, Some(4));
+        assert_eq!((p.cap, p.concat), (2, false));
+        let p = KvPlan::new(0, 2, 0, 100, Some(4));
+        assert_eq!((p.cap, p.concat), (4, false));
+        // A long prefill attends over its own keys only, then keeps the last window.
+        let p = KvPlan::new(0, 9, 0, 0, Some(4));
+        assert_eq!((p.cap, p.concat), (4, true));
+        assert_eq!(p.key_positions(), (0..9).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn padded_rows_with_their_own_positions_match_the_unpadded_row() -> Result<()> {
+        let m = random_model(tiny_config(
+            r#"["sliding_attention", "full_attention"]"#,
+            "gemma3_text",
+        ));
+        let real: &[u32] = &[5, 6, 7, 8, 9];
+        let alone = m.forward(&ids(&[real]), 0, None, None)?;
+        let batch = ids(&[&[0, 0, 5, 6, 7, 8, 9], &[1, 2, 3, 4, 5, 6, 7]]);
+        let mask = Tensor::new(&[[0u32, 0, 1, 1, 1, 1, 1], [1; 7]], &Device::Cpu)?;
+        let h = m.forward_hidden_padded(&batch, 0, &[2, 0], None, Some(&mask))?;
+        let padded = m.logits(&h)?;
+        let row = padded.narrow(0, 0, 1)?.narrow(1, 2, 5)?;
+        let d = max_abs_diff(&alone, &row);
+        assert!(d < 1e-5, "per-row positions differ by {d}");
+        // The unpadded row is unaffected by its neighbour.
+        let other = m.forward(&ids(&[&[1, 2, 3, 4, 5, 6, 7]]), 0, None, None)?;
+        assert!(max_abs_diff(&other, &padded.narrow(0, 1, 1)?) < 1e-5);
+        // Equal shifts take the shared table: the same as shifting start_pos.
+        let h2 = m.forward_hidden_padded(&ids(&[real]), 0, &[0], None, None)?;
+        assert_eq!(max_abs_diff(&m.logits(&h2)?, &alone), 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn padded_batch_decodes_through_the_cache_and_drops_rows() -> Result<()> {
+        let m = random_model(tiny_config(
+            r#"["sliding_attention", "full_attention"]"#,
+            "gemma2",
+        ));
+        // Row 0: 3 padding + 4 real; row 1: 7 real. Then 6 single steps each (the ring of
+        // window 3 wraps), dropping row 0 after step 3.
+        let a: &[u32] = &[11, 12, 13, 14, 15, 16, 17, 18, 19, 20];
+        let b: &[u32] = &[1, 2, 3, 4, 5, 6, 7, 21, 22, 23, 24, 25, 26];
+        let alone_a = m.forward(&ids(&[a]), 0, None, None)?;
+        let alone_b = m.forward(&ids(&[b]), 0, None, None)?;
+        let mut cache = m.new_cache_with_capacity(13);
+        let prompt = ids(&[&[0, 0, 0, 11, 12, 13, 14], &b[..7]]);
+        let mut keep = vec![vec![0u32, 0, 0, 1, 1, 1, 1], vec![1u32; 7]];
+        let mut pad = vec![3, 0];
+        let mask = Tensor::new(keep.clone(), &Device::Cpu)?;
+        let h = m.forward_hidden_padded(&prompt, 0, &pad, Some(&mut cache), Some(&mask))?;
+        let l = m.logits(&h)?;
+        assert!(
+            max_abs_diff(
+                &l.get(0)?.narrow(0, 3, 4)?,
+                &alone_a.get(0)?.narrow(0, 0, 4)?
+            ) < 1e-4
+        );
+        assert!(max_abs_diff(&l.get(1)?, &alone_b.get(0)?.narrow(0, 0, 7)?) < 1e-4);
+        let mut rows = vec![0usize, 1];
+        for step in 0..6 {
+            if step == 3 {
+                cache.select_rows(&[1])?;
+                assert_eq!(cache.batch_size(), 1);
+                rows = vec![1];
+                keep.remove(0);
+                pad.remove(0);
+            }
+            let pos = 7 + step;
+            let next: Vec<Vec<u32>> = rows
+                .iter()
+                .map(|&r| vec![if r == 0 { a[4 + step] } else { b[7 + step] }])
+                .collect();
+            keep.iter_mut().for_each(|k| k.push(1));
+            let mask = Tensor::new(keep.clone(), &Device::Cpu)?;
+            let x = Tensor::new(next, &Device::Cpu)?;
+            let h = m.forward_hidden_padded(&x, pos, &pad, Some(&mut cache), Some(&mask))?;
+            let l = m.logits(&h)?;
+            for (i, &r) in rows.iter().enumerate() {
+                let want = if r == 0 {
+                    alone_a.get(0)?.narrow(0, 4 + step, 1)?
+                } else {
+                    alone_b.get(0)?.narrow(0, 7 + step, 1)?
+                };
+                let d = max_abs_diff(&l.get(i)?, &want);
+                assert!(d < 1e-4, "row {r} step {step}: {d}");
+            }
+        }
+        // Wrong batch sizes and rows are errors, not panics.
+        let x = ids(&[&[1], &[2]]);
+        assert!(m.forward(&x, 13, Some(&mut cache), None).is_err());
+        assert!(cache.select_rows(&[1]).is_err());
         Ok(())
     }
 

@@ -1,22 +1,33 @@
 //! Gemma-2 / Gemma-3 text models for rupantor: config (both transformers dialects), a
-//! differentiable candle forward pass, swappable linear layers for QLoRA, and an HF-directory
-//! loader.
+//! differentiable candle forward pass, swappable linear layers for QLoRA, and loaders for HF
+//! directories and GGUF files.
 
 pub mod config;
 pub mod gemma;
+pub mod generate;
+pub mod gguf;
 pub mod linear;
 pub mod loader;
 pub mod loss;
 pub mod qlora;
+pub mod tokenizer;
 
 pub use config::{
     Arch, ConfigError, GemmaConfig, LayerConfig, ModelConfig, Quantization, QuantizationConfig,
 };
 pub use gemma::{Gemma, KvCache, LayerWeights};
+pub use generate::{generate, GenStats, GenerateConfig, Generation, StopReason};
+pub use gguf::{GgmlType, GgufError, GgufFile, GgufGemma, GgufTensorInfo, GgufValue};
 pub use linear::{
     DenseBuilder, DenseLinear, FrozenMatmulGrad, Linear, LinearBuilder, LinearRole, LinearWeight,
     QuantizedWeight,
 };
-pub use loader::{load_config, load_gemma, load_gemma_with, LoadError, SafetensorsStore};
+pub use loader::{
+    build_gemma, load_config, load_gemma, load_gemma_gguf, load_gemma_gguf_dense, load_gemma_with,
+    load_model, LoadError, SafetensorsStore, TensorSource,
+};
 pub use loss::{chunked_lm_loss, LmLoss, IGNORE_INDEX};
 pub use qlora::{LoraAdapter, LoraConfig, NamedAdapter, Nf4Weight, QLoraBuilder, QLoraLinear};
+pub use tokenizer::{
+    chat_prompt, chat_user_content, ChatExample, GgufVocab, TokenKind, Tokenizer, TokenizerError,
+};
