@@ -16,6 +16,10 @@ pub enum BenchCommand {
     Quant(QuantBenchArgs),
     /// Sandboxed scoring throughput versus an in-process `exec` scorer on the same programs.
     Sandbox(crate::bench_sandbox::BenchSandboxArgs),
+    /// Prefill / decode tokens/s and peak RSS at batch 1 and 8 (optionally vs HF transformers).
+    Decode(crate::bench_decode::BenchDecodeArgs),
+    /// QLoRA train-step tokens/s and peak RSS (forward, chunked loss, backward, 8-bit AdamW).
+    TrainStep(crate::bench_train::TrainStepBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -39,6 +43,8 @@ pub struct QuantBenchArgs {
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchCommand::Sandbox(a) => crate::bench_sandbox::run(a),
+        BenchCommand::Decode(a) => crate::bench_decode::run(a),
+        BenchCommand::TrainStep(a) => crate::bench_train::run(a),
         BenchCommand::Quant(a) => {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(a.threads.unwrap_or(0))

@@ -5,10 +5,18 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_decode;
 mod bench_sandbox;
+mod bench_train;
 mod eval;
+mod generate;
+mod lm_head;
+mod model_arg;
+mod perplexity;
 mod quantize;
+mod run_config;
 mod safetensors_out;
+mod train;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -29,6 +37,12 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run predictions against a split's asserts in the sandbox: pass@1 and error classes.
     Eval(eval::EvalArgs),
+    /// Mean next-token NLL and perplexity of a text file under a model.
+    Perplexity(perplexity::PerplexityArgs),
+    /// Generate a program for every problem of a split (JSONL, or submission.json).
+    Generate(generate::GenerateArgs),
+    /// Train a LoRA adapter on the trial split (QLoRA: frozen NF4 base, paged 8-bit AdamW).
+    Train(train::TrainArgs),
 }
 
 fn main() -> Result<()> {
@@ -37,5 +51,8 @@ fn main() -> Result<()> {
         Command::Quantize(args) => quantize::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Train(args) => train::run(args),
     }
 }

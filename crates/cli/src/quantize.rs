@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
-    /// A .safetensors file, or an HF model directory (model.safetensors or a sharded index).
+    /// A .safetensors file, an HF model directory (model.safetensors or a sharded index), or
+    /// an HF hub repo id org/name (the HF cache, then a download).
     #[arg(long)]
     pub input: PathBuf,
     /// Output .safetensors file, or a directory to write a loadable HF model directory into
@@ -196,7 +197,16 @@ const COMPANION_FILES: [&str; 5] = [
     "tokenizer.model",
 ];
 
-pub fn run(args: QuantizeArgs) -> Result<()> {
+pub fn run(mut args: QuantizeArgs) -> Result<()> {
+    // An HF repo id (or the embedded alias) where no such path exists: the model argument's
+    // resolution (HF cache, then a download).
+    if !args.input.exists() {
+        if let Some(arg) = args.input.to_str() {
+            if rupantor_model::hub::is_repo_id(arg) || arg.starts_with("embedded:") {
+                args.input = crate::model_arg::resolve_model(arg)?;
+            }
+        }
+    }
     let ckpt = Checkpoint::open(&args.input)?;
     let to_dir = args.output.extension().is_none_or(|e| e != "safetensors");
     let weights_path = if to_dir {

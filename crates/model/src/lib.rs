@@ -6,6 +6,7 @@ pub mod config;
 pub mod gemma;
 pub mod generate;
 pub mod gguf;
+pub mod hub;
 pub mod linear;
 pub mod loader;
 pub mod loss;

@@ -8,7 +8,8 @@
 //! every frozen weight per backward), and a dequantized 9B projection would sit in memory as f32.
 //! The op dequantizes W tile by tile (blocks of output rows) into a scratch buffer, multiplies
 //! each tile with `gemm`, and its backward returns only `dx = dy · dequant(W)`, tiled the same
-//! way.
+//! way. Decode steps (a few input rows) skip the tiles: a fused kernel multiplies the packed
+//! NF4 weight directly ([`rupantor_quant::gemv`]).
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,10 @@ use crate::linear::{
 /// projection (`14336 x 3584` = 196 MiB in f32) and large enough that each tile's GEMM runs
 /// near full speed.
 pub const DEFAULT_TILE_ELEMS: usize = 1 << 20;
+
+/// Most input rows [`Nf4Weight::matmul_t`] sends through the fused NF4 kernel (decode steps of
+/// a batch); beyond this, dequantized tiles and `gemm` are faster.
+pub const FUSED_MAX_ROWS: usize = 16;
 
 /// A frozen NF4 weight `[out, in]` with CPU kernels that never hold it whole in f32.
 pub struct Nf4Weight {
@@ -121,13 +126,20 @@ impl Nf4Weight {
     }
 
     /// `y = x · W^T` for row-major `x: [m, in]`, returning row-major `[m, out]`.
+    ///
+    /// Up to [`FUSED_MAX_ROWS`] input rows (decoding) go through the fused NF4 kernel, which
+    /// reads the packed weight once and never writes it out in f32; more rows (prefill,
+    /// training) dequantize tile by tile into a scratch buffer for `gemm`.
     pub fn matmul_t(&self, x: &[f32], m: usize, tile_rows: usize) -> Vec<f32> {
         let (out, inp) = (self.out_features, self.in_features);
         assert_eq!(x.len(), m * inp, "input length");
-        let mut y = vec![0f32; m * out];
         if m == 0 {
-            return y;
+            return Vec::new();
         }
+        if m <= FUSED_MAX_ROWS {
+            return self.matvecs_t(x, m);
+        }
+        let mut y = vec![0f32; m * out];
         let mut scratch = vec![0f32; tile_rows.min(out) * inp];
         let mut r0 = 0;
         while r0 < out {
@@ -164,6 +176,24 @@ impl Nf4Weight {
             }
             r0 = r1;
         }
+        y
+    }
+
+    /// `y = x · W^T` through the fused NF4 kernel ([`rupantor_quant::nf4_matvecs_with`]), the
+    /// absmax of each block decoded as [`Nf4Weight::dequantize_rows`] decodes it.
+    pub fn matvecs_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (out, inp) = (self.out_features, self.in_features);
+        assert_eq!(x.len(), m * inp, "input length");
+        let a = &self.nf4.absmax;
+        let absmax = |b0: usize, dst: &mut [f32]| {
+            for (k, o) in dst.iter_mut().enumerate() {
+                let b = b0 + k;
+                *o = self.absmax_map[a.codes[b] as usize] * a.nested_absmax[b / NESTED_BLOCKSIZE]
+                    + a.offset;
+            }
+        };
+        let mut y = vec![0f32; m * out];
+        rupantor_quant::nf4_matvecs_with(&self.nf4.packed, &absmax, x, m, &mut y, out, inp);
         y
     }
 
@@ -735,7 +765,14 @@ mod tests {
 
     #[test]
     fn tiled_products_match_dense_products() {
-        let (out, inp, m) = (37, 40, 5);
+        // m = 5 takes the fused kernel forward, m past FUSED_MAX_ROWS the tiles; in = 40 and
+        // in = 128 (rows made of whole NF4 blocks) take both of the fused kernel's paths.
+        for (out, inp, m) in [(37, 40, 5), (37, 40, FUSED_MAX_ROWS + 3), (21, 128, 3)] {
+            tiled_products_match_dense_products_at(out, inp, m);
+        }
+    }
+
+    fn tiled_products_match_dense_products_at(out: usize, inp: usize, m: usize) {
         let nf4 = Nf4Tensor::quantize_f32(&values(out * inp, 2), &[out, inp]);
         let dense = nf4.dequantize();
         let w = Nf4Weight::new(nf4).unwrap();

@@ -8,8 +8,10 @@ pub mod blockwise8;
 pub mod bnb_layout;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod gemv;
 pub mod nf4;
 pub mod torch_compat;
 
 pub use blockwise8::{dynamic_map, Blockwise8, CodeLut};
+pub use gemv::{nf4_gemv_f32, nf4_matvecs_f32, nf4_matvecs_with, q8_matvecs_f32, Q8Weight};
 pub use nf4::{dequantize_nf4, NestedAbsmax, Nf4Tensor, SourceDtype, NF4_CODE};
