@@ -251,9 +251,8 @@ pub fn load(settings: &ModelSettings) -> Result<LoadedModel> {
     pin_thread_count();
     if settings.dtype != DType::F32 {
         bail!(
-            "dtype {:?}: the model loaders build f32 models today (bf16 comes with the CUDA \
-             path); pass --dtype f32",
-            settings.dtype
+            "dtype bf16: the model loaders build f32 models today (bf16 comes with the CUDA \
+             path); pass --dtype f32"
         );
     }
     let dev = device(settings.device)?;

@@ -39,6 +39,8 @@ use crate::run_config::RunConfig;
 
 /// The resolved config a run writes into its output folder.
 pub const RUN_FILE: &str = "run.toml";
+/// The trainer's checkpoint pointer (crates/train `trainer` module docs).
+const LATEST_CHECKPOINT: &str = "checkpoint/latest.json";
 /// The pool of iteration 1 (design §1: the trial problems).
 const TRAIN_SPLIT: &str = "trial";
 /// `[train]` keys that live elsewhere.
@@ -291,6 +293,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     std::fs::create_dir_all(&run.out).with_context(|| format!("create {}", run.out.display()))?;
     let run_file = run.out.join(RUN_FILE);
+    // The trainer refuses this too, but only after run.toml would have been replaced.
+    let latest = run.out.join(LATEST_CHECKPOINT);
+    if !run.train.resume && latest.exists() {
+        bail!(
+            "{} holds a checkpoint of an earlier run ({}); pass --resume to continue it or \
+             choose another output directory",
+            run.out.display(),
+            latest.display()
+        );
+    }
     if run.train.resume {
         if let Ok(prev) = RunConfig::from_file(&run_file) {
             let prev_model = prev.model.model.unwrap_or_default();

@@ -141,12 +141,15 @@ fn a_run_writes_the_adapter_metrics_plot_and_run_toml() {
     assert_eq!(m.iter().filter(|r| r.0 == "train").count(), 4);
     assert!(m.iter().any(|r| r.0 == "eval"));
 
-    // A second fresh run into the same folder refuses to mix runs.
-    let o = train_cmd(dir.path(), &out, &["--rank", "8", "--max-steps", "4"])
+    // A second fresh run into the same folder refuses to mix runs, leaving the first run's
+    // files as they were.
+    let before = read(&out.join("run.toml"));
+    let o = train_cmd(dir.path(), &out, &["--rank", "8", "--max-steps", "2"])
         .output()
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    assert_eq!(read(&out.join("run.toml")), before);
 }
 
 #[test]
