@@ -15,9 +15,8 @@
 
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
-use rupantor_model::qlora::FUSED_MAX_ROWS;
+use rupantor_model::qlora::{f32_rows, parallelism, FUSED_MAX_ROWS};
 use rupantor_model::{Linear, LinearBuilder, LinearRole, LinearWeight, QuantizedWeight};
 use rupantor_quant::{q8_matvecs_f32, Q8Weight};
 
@@ -119,29 +118,6 @@ fn grad_rows(w: &Q8Weight, dy: &[f32], m: usize) -> Vec<f32> {
         r0 = r1;
     }
     dx
-}
-
-fn parallelism() -> gemm::Parallelism {
-    let n = candle_core::utils::get_num_threads();
-    if n > 1 {
-        gemm::Parallelism::Rayon(n)
-    } else {
-        gemm::Parallelism::None
-    }
-}
-
-fn f32_rows<'a>(op: &str, s: &'a CpuStorage, l: &Layout, k: usize) -> Result<(&'a [f32], usize)> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("{op}: needs f32 on the CPU, got {:?}", s.dtype());
-    };
-    let (m, cols) = l.shape().dims2()?;
-    if cols != k {
-        candle_core::bail!("{op}: expected {k} columns, got shape {:?}", l.dims());
-    }
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: input must be contiguous");
-    };
-    Ok((&data[start..end], m))
 }
 
 struct Q8Matmul(Arc<Q8Weight>);

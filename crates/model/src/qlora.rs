@@ -253,8 +253,8 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
     a
 }
 
-/// The same thread count candle's own CPU matmul uses.
-fn parallelism() -> gemm::Parallelism {
+/// The same thread count candle's own CPU matmul uses (shared by every custom matmul op).
+pub fn parallelism() -> gemm::Parallelism {
     let n = candle_core::utils::get_num_threads();
     if n > 1 {
         gemm::Parallelism::Rayon(n)
@@ -264,7 +264,12 @@ fn parallelism() -> gemm::Parallelism {
 }
 
 /// A row-major f32 `[m, k]` view of a custom op's CPU input.
-fn f32_rows<'a>(op: &str, s: &'a CpuStorage, l: &Layout, k: usize) -> Result<(&'a [f32], usize)> {
+pub fn f32_rows<'a>(
+    op: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+    k: usize,
+) -> Result<(&'a [f32], usize)> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
         other => candle_core::bail!("{op}: needs f32 on the CPU, got {:?}", other.dtype()),
