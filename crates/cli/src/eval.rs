@@ -2,7 +2,7 @@
 //! reports pass@1 with the failure classes.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -95,7 +95,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let score = Score::new(ids.iter().map(|id| (*id, by_id.get(id).copied())));
 
     if let Some(dir) = &args.out {
-        let path = write_verdicts(dir, &job_ids, &verdicts)?;
+        let path = dir.join("verdicts.jsonl");
+        rupantor_pipeline::write_verdicts(&path, &job_ids, &verdicts)?;
         eprintln!("wrote {}", path.display());
     }
 
@@ -113,6 +114,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
             "fallback without namespaces"
         }
     )?;
+    print_score(&mut out, &score)?;
+    if args.json {
+        writeln!(out, "{}", score.to_json())?;
+    }
+    Ok(())
+}
+
+/// pass@1, then a row per verdict class that occurred (and the missing predictions).
+pub fn print_score(out: &mut impl Write, score: &Score) -> Result<()> {
     writeln!(
         out,
         "pass@1: {:.4} ({}/{})",
@@ -147,9 +157,6 @@ pub fn run(args: EvalArgs) -> Result<()> {
             list_ids(&score.missing)
         )?;
     }
-    if args.json {
-        writeln!(out, "{}", score.to_json())?;
-    }
     Ok(())
 }
 
@@ -166,29 +173,4 @@ fn list_ids(ids: &[u64]) -> String {
         .map(|i| i.to_string())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Writes `dir/verdicts.jsonl` atomically (a temporary file in `dir`, then a rename).
-fn write_verdicts(dir: &Path, ids: &[u64], verdicts: &[Verdict]) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("verdicts.jsonl");
-    let tmp = dir.join(format!(".verdicts.jsonl.{}.tmp", std::process::id()));
-    let mut text = String::new();
-    for (id, v) in ids.iter().zip(verdicts) {
-        let row =
-            serde_json::json!({"id": id, "passed": v.passed, "class": v.class, "trace": v.trace});
-        text.push_str(&row.to_string());
-        text.push('\n');
-    }
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
-    Ok(path)
 }

@@ -1,32 +1,42 @@
-//! `rupantor generate`: a program for every problem of a split.
+//! `rupantor generate`: a program for every problem of a split, with a base model (`--model`)
+//! or a trained adapter (`--adapter DIR`).
 //!
-//! Prompts are design §2's chat format (`Tokenizer::encode_chat`): the instruction, and by
-//! default the problem's visible asserts under "Your code should pass these tests:". Problems
-//! are generated in batches of similar prompt length (less left padding), with a progress bar
-//! counting problems and showing decode tokens/s. Each output goes through `extract_code`.
+//! The generation itself is the pipeline's (`rupantor_pipeline::generate_programs`: design
+//! §2's chat prompt, length-bucketed batches, code extraction), the one the training loop runs
+//! for dev.
 //!
-//! The output is written once, atomically (temp file + rename), in the split's order:
-//! JSONL `{"id", "response", "raw"?}` (`response` the extracted program, `raw` the model's text
-//! when it differs), or, for a `.json` path, the task's `submission.json`:
-//! `[{"id", "response"}]` with each response fenced as ```` ```python ... ``` ````.
+//! `--adapter DIR` takes a folder `rupantor train` wrote (OUT, or one iteration's OUT/iterK):
+//! the PEFT adapter in it, and the base model and settings from the run's `run.toml` (in DIR,
+//! else its parent). Without a `run.toml` the base is the adapter's
+//! `base_model_name_or_path`. `--config` and flags override the run's settings.
 //!
-//! Sampling draws from one stream per prompt of a batch (`--seed`, position in the batch), so
-//! with `--temperature > 0` the output of a problem depends on the batch it lands in; greedy
-//! output does not depend on batching.
+//! Outputs, each written atomically:
+//!
+//! * `--out FILE`: the task's `submission.json` for a `.json` name, else predictions JSONL
+//!   (`{"id", "response", "raw"?}`);
+//! * default with `--adapter`: `DIR/{split}/submission.json` and `DIR/{split}/predictions.jsonl`;
+//!   without: `out/generate/{split}.jsonl`.
+//!
+//! A split whose problems carry all their asserts (trial, dev) is also scored in the sandbox:
+//! pass@1 and the verdict classes are printed and the verdicts written beside the output
+//! (`verdicts.jsonl`, or `{stem}.verdicts.jsonl` for an `--out` file).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use rupantor_data::Problem;
-use rupantor_exec::extract_code;
-use rupantor_model::{generate, GenStats, GenerateConfig, StopReason};
+use rupantor_model::{Gemma, Tokenizer};
+use rupantor_pipeline::{
+    generate_programs, verify_programs, write_outputs, write_predictions, write_verdicts,
+    GenSettings, Generated, VerifySettings,
+};
+use rupantor_train::adapter::AdapterConfig;
+use rupantor_train::{BaseFormat, LoraModel};
 
-use crate::model_arg::{self, ModelArgs};
+use crate::model_arg::{self, ModelArgs, ModelSettings, Quant};
 use crate::run_config::RunConfig;
+use crate::train::{load_tokenizer, RUN_FILE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
@@ -38,7 +48,12 @@ pub enum OnOff {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// A folder `rupantor train` wrote (OUT or OUT/iterK): generate with its LoRA adapter on
+    /// the base model its run.toml names.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// A TOML preset (configs/*.toml); flags override its [model] and [generation] tables.
+    /// With --adapter: the run's run.toml unless given.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Data folder (default: $RUPANTOR_DATA, then data/blp25).
@@ -51,7 +66,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub limit: Option<usize>,
     /// Output: JSONL {"id","response","raw"?}, or the task's submission.json form when the
-    /// name ends in .json [default: out/generate/{split}.jsonl].
+    /// name ends in .json [default: DIR/{split}/submission.json with --adapter, else
+    /// out/generate/{split}.jsonl].
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Tokens to generate per problem at most [default: 512].
@@ -69,281 +85,263 @@ pub struct GenerateArgs {
     /// Prompts per batch [default: 4].
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Put the problem's visible asserts into the prompt [default: on].
+    /// Put the problem's asserts into the prompt [default: on].
     #[arg(long, value_enum)]
     pub visible_tests: Option<OnOff>,
+    /// With visible tests: only the first N asserts (the test split shows one) [default: all].
+    #[arg(long, value_name = "N")]
+    pub max_visible_tests: Option<usize>,
+    /// Parallel sandbox workers when scoring (default: the cores available).
+    #[arg(short = 'j', long = "jobs")]
+    pub jobs: Option<usize>,
 }
 
-/// The generation settings after flags, config and defaults.
+/// Flags over the config's `[generation]` table (whose keys left out are the defaults).
+fn gen_settings(args: &GenerateArgs, cfg: &RunConfig) -> Result<GenSettings> {
+    let mut s = cfg.generation.clone();
+    if let Some(v) = args.max_new_tokens {
+        s.max_new_tokens = v;
+    }
+    if let Some(v) = args.temperature {
+        s.temperature = v;
+    }
+    if let Some(v) = args.top_p {
+        s.top_p = v;
+    }
+    if let Some(v) = args.seed {
+        s.seed = v;
+    }
+    if let Some(v) = args.batch {
+        s.batch = v;
+    }
+    if let Some(v) = args.visible_tests {
+        s.visible_tests = v == OnOff::On;
+    }
+    if let Some(v) = args.max_visible_tests {
+        s.max_visible_tests = Some(v);
+    }
+    s.progress = true;
+    s.validate()?;
+    Ok(s)
+}
+
+/// The `run.toml` of a trained folder: in it, or in its parent (an iteration folder).
+fn run_file_of(adapter: &Path) -> Option<PathBuf> {
+    [Some(adapter), adapter.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(RUN_FILE))
+        .find(|p| p.is_file())
+}
+
+/// The split's name for file names: `dev`, or a problems file's stem.
+fn split_name(split: &str) -> String {
+    Path::new(split)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "predictions".into())
+}
+
+/// Where the outputs go.
 #[derive(Debug, Clone, PartialEq)]
-struct Settings {
-    max_new_tokens: usize,
-    temperature: f64,
-    top_p: f64,
-    seed: u64,
-    batch: usize,
-    visible_tests: bool,
+struct OutputPlan {
+    /// `--out`, or the default.
+    main: PathBuf,
+    /// Predictions JSONL beside a default `submission.json`.
+    predictions: Option<PathBuf>,
+    verdicts: PathBuf,
 }
 
-impl Settings {
-    fn resolve(args: &GenerateArgs, cfg: &RunConfig) -> Result<Self> {
-        let g = &cfg.generation;
-        let s = Self {
-            max_new_tokens: args.max_new_tokens.or(g.max_new_tokens).unwrap_or(512),
-            temperature: args.temperature.or(g.temperature).unwrap_or(0.0),
-            top_p: args.top_p.or(g.top_p).unwrap_or(1.0),
-            seed: args.seed.or(g.seed).unwrap_or(0),
-            batch: args.batch.or(g.batch).unwrap_or(4),
-            visible_tests: args
-                .visible_tests
-                .map(|v| v == OnOff::On)
-                .or(g.visible_tests)
-                .unwrap_or(true),
-        };
-        if s.batch == 0 {
-            bail!("--batch must be at least 1");
+fn output_plan(out: Option<&Path>, adapter: Option<&Path>, split: &str) -> OutputPlan {
+    let name = split_name(split);
+    match (out, adapter) {
+        (Some(path), _) => {
+            let stem = path
+                .file_stem()
+                .map_or("predictions".into(), |s| s.to_string_lossy().into_owned());
+            OutputPlan {
+                main: path.to_path_buf(),
+                predictions: None,
+                verdicts: path.with_file_name(format!("{stem}.verdicts.jsonl")),
+            }
         }
-        if s.max_new_tokens == 0 {
-            bail!("--max-new-tokens must be at least 1");
+        (None, Some(dir)) => {
+            let dir = dir.join(&name);
+            OutputPlan {
+                main: dir.join("submission.json"),
+                predictions: Some(dir.join("predictions.jsonl")),
+                verdicts: dir.join("verdicts.jsonl"),
+            }
         }
-        Ok(s)
+        (None, None) => {
+            let main = PathBuf::from("out/generate").join(format!("{name}.jsonl"));
+            OutputPlan {
+                verdicts: main.with_file_name(format!("{name}.verdicts.jsonl")),
+                main,
+                predictions: None,
+            }
+        }
     }
 }
 
-/// One problem's result.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Output {
-    pub id: u64,
-    pub response: String,
-    pub raw: String,
+/// The model generation runs on: a plain inference load, or the base with an adapter.
+enum Loaded {
+    Base(model_arg::LoadedModel),
+    Adapted {
+        model: LoraModel,
+        tokenizer: Tokenizer,
+    },
 }
 
-/// The default output path: `out/generate/{split}.jsonl` (a file split by its stem).
-fn default_out(split: &str) -> PathBuf {
-    let name = Path::new(split)
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "predictions".into());
-    PathBuf::from("out/generate").join(format!("{name}.jsonl"))
+impl Loaded {
+    fn gemma(&self) -> &Gemma {
+        match self {
+            Loaded::Base(m) => &m.model,
+            Loaded::Adapted { model, .. } => model.model(),
+        }
+    }
+
+    fn tokenizer(&self) -> &Tokenizer {
+        match self {
+            Loaded::Base(m) => &m.tokenizer,
+            Loaded::Adapted { tokenizer, .. } => tokenizer,
+        }
+    }
 }
 
-/// Batches of problem indices with similar prompt lengths (longest first, so the slowest
-/// batch shows up early in the bar's estimate).
-fn batches(lens: &[usize], batch: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lens.len()).collect();
-    order.sort_by(|&a, &b| lens[b].cmp(&lens[a]).then(a.cmp(&b)));
-    order.chunks(batch).map(<[usize]>::to_vec).collect()
+fn load_adapted(settings: &ModelSettings, adapter: &Path) -> Result<Loaded> {
+    let path = model_arg::resolve_model(&settings.model)?;
+    let tokenizer = load_tokenizer(&path)?;
+    let device = model_arg::device(settings.device)?;
+    let base = match settings.quant {
+        Quant::Nf4 => BaseFormat::Nf4,
+        Quant::None => BaseFormat::Dense,
+    };
+    let t0 = std::time::Instant::now();
+    let model = LoraModel::load_with_adapter(&path, adapter, &device, base)
+        .with_context(|| format!("--adapter {}", adapter.display()))?;
+    model.set_training(false);
+    eprintln!(
+        "generate: {} with the adapter in {} (r {}), loaded in {:.1}s",
+        path.display(),
+        adapter.display(),
+        model.spec().lora.rank,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(Loaded::Adapted { model, tokenizer })
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let cfg = RunConfig::load(args.config.as_deref())?;
-    let model_settings = cfg.model_settings(&args.model);
-    let s = Settings::resolve(&args, &cfg)?;
+    let config_path = match (&args.config, &args.adapter) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(dir)) => {
+            if !dir.is_dir() {
+                bail!("--adapter {}: no such folder", dir.display());
+            }
+            run_file_of(dir)
+        }
+        (None, None) => None,
+    };
+    let cfg = RunConfig::load(config_path.as_deref())?;
+    let mut settings = cfg.model_settings(&args.model);
+    if let (Some(dir), None, None) = (&args.adapter, &config_path, &args.model.model) {
+        // No run.toml: the base the adapter records.
+        let adapter_cfg = AdapterConfig::load(dir)?;
+        settings.model = adapter_cfg.base_model.with_context(|| {
+            format!(
+                "--adapter {}: no {RUN_FILE} here or in the parent folder, and \
+                 adapter_config.json names no base_model_name_or_path; pass --model",
+                dir.display()
+            )
+        })?;
+    }
+    let gen = gen_settings(&args, &cfg)?;
     let data_dir = rupantor_data::data_dir(args.data.as_deref());
     let mut problems = rupantor_data::load_split(&data_dir, &args.split)
         .with_context(|| format!("loading split {:?}", args.split))?;
     if let Some(n) = args.limit {
         problems.truncate(n);
     }
-    let out_path = args.out.clone().unwrap_or_else(|| default_out(&args.split));
+    let plan = output_plan(args.out.as_deref(), args.adapter.as_deref(), &args.split);
 
-    let loaded = model_arg::load(&model_settings)?;
+    let loaded = match &args.adapter {
+        Some(dir) => load_adapted(&settings, dir)?,
+        None => {
+            let m = model_arg::load(&settings)?;
+            eprintln!(
+                "generate: {} ({}) loaded in {:.1}s",
+                m.path.display(),
+                m.form(settings.quant),
+                m.load_secs
+            );
+            Loaded::Base(m)
+        }
+    };
     eprintln!(
-        "generate: {} ({}) loaded in {:.1}s; {} problems from {}, batch {}, {}",
-        loaded.path.display(),
-        loaded.form(model_settings.quant),
-        loaded.load_secs,
+        "generate: {} problems from {}; {}",
         problems.len(),
         args.split,
-        s.batch,
-        if s.temperature == 0.0 {
-            "greedy".to_string()
-        } else {
-            format!(
-                "temperature {} top-p {} seed {}",
-                s.temperature, s.top_p, s.seed
-            )
-        }
+        gen.describe()
     );
-    let outputs = generate_all(&loaded, &problems, &s)?;
-    write_outputs(&out_path, &outputs)?;
-    let truncated = outputs.iter().filter(|o| o.raw.is_empty()).count();
+    let generated = generate_programs(loaded.gemma(), loaded.tokenizer(), &problems, &gen)?;
+    write_all(&plan, &generated)?;
+    report(&generated);
+    if scores(&args.split) {
+        let verify = VerifySettings {
+            workers: args.jobs.unwrap_or(cfg.sandbox.workers),
+            ..cfg.sandbox.clone()
+        };
+        score(&problems, &generated, &verify, &plan.verdicts)?;
+    }
+    Ok(())
+}
+
+/// Named splits whose problems hold every assert they are judged on.
+fn scores(split: &str) -> bool {
+    matches!(split, "dev" | "trial")
+}
+
+fn write_all(plan: &OutputPlan, g: &Generated) -> Result<()> {
+    write_outputs(&plan.main, &g.outputs)?;
     println!(
-        "wrote {} ({} problems{})",
-        out_path.display(),
-        outputs.len(),
-        if truncated > 0 {
-            format!(", {truncated} empty")
-        } else {
-            String::new()
-        }
+        "wrote {} ({} problems)",
+        plan.main.display(),
+        g.outputs.len()
     );
+    if let Some(p) = &plan.predictions {
+        write_predictions(p, &g.outputs)?;
+        println!("wrote {}", p.display());
+    }
     Ok(())
 }
 
-fn generate_all(
-    loaded: &model_arg::LoadedModel,
-    problems: &[Problem],
-    s: &Settings,
-) -> Result<Vec<Output>> {
-    let tok = &loaded.tokenizer;
-    let model = &loaded.model;
-    let prompts: Vec<Vec<u32>> = problems
-        .iter()
-        .map(|p| {
-            tok.encode_chat(
-                &p.instruction,
-                s.visible_tests.then_some(p.test_list.as_slice()),
-            )
-        })
-        .collect();
-    let max_pos = model.config().max_position_embeddings;
-    if let Some((i, p)) = prompts
-        .iter()
-        .enumerate()
-        .find(|(_, p)| p.len() + s.max_new_tokens > max_pos)
-    {
-        bail!(
-            "problem {}: prompt of {} tokens + --max-new-tokens {} exceeds the model's context \
-             of {max_pos}",
-            problems[i].id,
-            p.len(),
-            s.max_new_tokens
-        );
-    }
-    let mut stop_ids: Vec<u32> = tok.eot_id().into_iter().collect();
-    stop_ids.extend(tok.eos_id());
-    let gen_cfg = GenerateConfig {
-        max_new_tokens: s.max_new_tokens,
-        temperature: s.temperature,
-        top_p: s.top_p,
-        seed: s.seed,
-        stop_ids,
-        prefill_chunk: 512,
-    }
-    .with_eos_of(model.config());
-
-    let bar = ProgressBar::new(problems.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} problems {msg} elapsed {elapsed} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix("generate");
-    let t0 = Instant::now();
-    let mut done_tokens = 0usize;
-    let mut raw: Vec<Option<(String, StopReason)>> = vec![None; problems.len()];
-    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    for group in batches(&lens, s.batch) {
-        let batch_prompts: Vec<Vec<u32>> = group.iter().map(|&i| prompts[i].clone()).collect();
-        let gens = generate(model, &batch_prompts, &gen_cfg, |st: GenStats| {
-            let total = done_tokens + st.generated_tokens;
-            let secs = t0.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!(
-                "{:.1} tok/s (batch {:.1} tok/s decode, {} rows live)",
-                total as f64 / secs,
-                st.decode_tokens_per_sec(),
-                st.active
-            ));
-        })
-        .context("generation failed")?;
-        for (&i, g) in group.iter().zip(gens) {
-            done_tokens += g.tokens.len() + usize::from(g.stop_reason != StopReason::MaxTokens);
-            raw[i] = Some((tok.decode(&g.tokens, true), g.stop_reason));
-        }
-        bar.inc(group.len() as u64);
-    }
-    bar.finish_and_clear();
-    let secs = t0.elapsed().as_secs_f64();
-    let stopped_at_limit = raw
-        .iter()
-        .flatten()
-        .filter(|(_, r)| *r == StopReason::MaxTokens)
-        .count();
+fn report(g: &Generated) {
     eprintln!(
-        "generate: {} problems, {done_tokens} tokens in {secs:.1}s ({:.1} tokens/s){}",
-        problems.len(),
-        done_tokens as f64 / secs.max(1e-9),
-        if stopped_at_limit > 0 {
-            format!(", {stopped_at_limit} cut at --max-new-tokens")
+        "generate: {} tokens in {:.1}s ({:.1} tokens/s){}",
+        g.tokens,
+        g.secs,
+        g.tokens_per_sec(),
+        if g.cut > 0 {
+            format!(", {} cut at max_new_tokens", g.cut)
         } else {
             String::new()
         }
     );
-    Ok(problems
-        .iter()
-        .zip(raw)
-        .map(|(p, r)| {
-            let (text, _) = r.expect("every problem is in one batch");
-            Output {
-                id: p.id,
-                response: extract_code(&text),
-                raw: text,
-            }
-        })
-        .collect())
 }
 
-/// The file's bytes: JSONL rows, or the submission.json list for a `.json` path.
-fn render(path: &Path, outputs: &[Output]) -> String {
-    let submission = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    if submission {
-        let rows: Vec<serde_json::Value> = outputs
-            .iter()
-            .map(|o| {
-                serde_json::json!({
-                    "id": o.id,
-                    "response": format!("```python\n{}\n```", o.response.trim_end()),
-                })
-            })
-            .collect();
-        let mut s = serde_json::to_string_pretty(&rows).expect("JSON values serialize");
-        s.push('\n');
-        return s;
-    }
-    let mut s = String::new();
-    for o in outputs {
-        let mut row = serde_json::json!({"id": o.id, "response": o.response});
-        if o.raw != o.response {
-            row["raw"] = serde_json::Value::String(o.raw.clone());
-        }
-        s.push_str(&row.to_string());
-        s.push('\n');
-    }
-    s
-}
-
-/// Writes atomically: a temporary file in the same folder, synced, then renamed.
-fn write_outputs(path: &Path, outputs: &[Output]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file name", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let text = render(path, outputs);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
-    Ok(())
+fn score(
+    problems: &[Problem],
+    g: &Generated,
+    verify: &VerifySettings,
+    verdicts_path: &Path,
+) -> Result<()> {
+    verify.ensure_usable()?;
+    let programs: Vec<String> = g.outputs.iter().map(|o| o.response.clone()).collect();
+    let v = verify_programs(problems, &programs, verify, true)?;
+    let ids: Vec<u64> = problems.iter().map(|p| p.id).collect();
+    write_verdicts(verdicts_path, &ids, &v.verdicts)?;
+    println!("wrote {}", verdicts_path.display());
+    crate::eval::print_score(&mut std::io::stdout().lock(), &v.score)
 }
 
 #[cfg(test)]
@@ -351,59 +349,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batches_group_by_length_and_cover_every_problem() {
-        let lens = [5, 9, 1, 9, 3, 7, 2];
-        let b = batches(&lens, 3);
-        assert_eq!(b, [vec![1, 3, 5], vec![0, 4, 6], vec![2]]);
-        let mut all: Vec<usize> = b.concat();
-        all.sort();
-        assert_eq!(all, (0..lens.len()).collect::<Vec<_>>());
+    fn outputs_follow_the_adapter_folder_or_the_split() {
+        let p = output_plan(None, Some(Path::new("out/r32")), "test");
+        assert_eq!(p.main, PathBuf::from("out/r32/test/submission.json"));
+        assert_eq!(
+            p.predictions,
+            Some(PathBuf::from("out/r32/test/predictions.jsonl"))
+        );
+        assert_eq!(p.verdicts, PathBuf::from("out/r32/test/verdicts.jsonl"));
+        let p = output_plan(None, None, "/tmp/mine.jsonl");
+        assert_eq!(p.main, PathBuf::from("out/generate/mine.jsonl"));
+        assert_eq!(
+            p.verdicts,
+            PathBuf::from("out/generate/mine.verdicts.jsonl")
+        );
+        let p = output_plan(Some(Path::new("x/sub.json")), Some(Path::new("o")), "dev");
+        assert_eq!(p.main, PathBuf::from("x/sub.json"));
+        assert_eq!(p.predictions, None);
+        assert_eq!(p.verdicts, PathBuf::from("x/sub.verdicts.jsonl"));
     }
 
     #[test]
-    fn jsonl_and_submission_forms() {
-        let outs = [
-            Output {
-                id: 3,
-                response: "def f():\n    return 1".into(),
-                raw: "```python\ndef f():\n    return 1\n```".into(),
-            },
-            Output {
-                id: 1,
-                response: "x = 2".into(),
-                raw: "x = 2".into(),
-            },
-        ];
-        let jsonl = render(Path::new("p.jsonl"), &outs);
-        let rows: Vec<serde_json::Value> = jsonl
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert_eq!(rows[0]["id"], 3);
-        assert_eq!(rows[0]["raw"], outs[0].raw);
-        assert!(rows[1].get("raw").is_none());
-        let sub: serde_json::Value =
-            serde_json::from_str(&render(Path::new("submission.json"), &outs)).unwrap();
-        assert_eq!(
-            sub,
-            serde_json::json!([
-                {"id": 3, "response": "```python\ndef f():\n    return 1\n```"},
-                {"id": 1, "response": "```python\nx = 2\n```"},
-            ])
-        );
-        // What eval reads back is the program itself.
-        assert_eq!(
-            extract_code(sub[0]["response"].as_str().unwrap()),
-            outs[0].response
-        );
-    }
-
-    #[test]
-    fn default_output_follows_the_split() {
-        assert_eq!(default_out("dev"), PathBuf::from("out/generate/dev.jsonl"));
-        assert_eq!(
-            default_out("/tmp/mine.jsonl"),
-            PathBuf::from("out/generate/mine.jsonl")
-        );
+    fn run_file_is_found_in_the_folder_or_its_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let iter = dir.path().join("iter1");
+        std::fs::create_dir_all(&iter).unwrap();
+        assert_eq!(run_file_of(&iter), None);
+        std::fs::write(dir.path().join(RUN_FILE), "").unwrap();
+        assert_eq!(run_file_of(&iter), Some(dir.path().join(RUN_FILE)));
+        std::fs::write(iter.join(RUN_FILE), "").unwrap();
+        assert_eq!(run_file_of(&iter), Some(iter.join(RUN_FILE)));
     }
 }

@@ -1,6 +1,7 @@
 //! `--config FILE`: the TOML presets in `configs/`. Command-line flags override every key.
 //!
-//! The `[model]` and `[generation]` tables (`[train]` is `crate::train`'s):
+//! The `[model]`, `[generation]`, `[sandbox]` and `[loop]` tables (`[train]` is
+//! `crate::train`'s):
 //!
 //! ```toml
 //! [model]
@@ -9,13 +10,22 @@
 //! quant = "nf4"                    # nf4 | none
 //! dtype = "f32"                    # f32 | bf16
 //!
-//! [generation]
+//! [generation]                     # rupantor_pipeline::GenSettings
 //! max_new_tokens = 512
 //! temperature = 0.0                # 0 = greedy
 //! top_p = 1.0
 //! seed = 0
 //! batch = 4
 //! visible_tests = true             # put the visible asserts into the prompt
+//! max_visible_tests = 1            # only the first one (as the test split shows)
+//!
+//! [sandbox]                        # rupantor_pipeline::VerifySettings
+//! timeout_s = 10.0
+//! memory_mb = 2048
+//! workers = 0                      # 0: the cores available
+//!
+//! [loop]
+//! iterations = 2                   # `train --iter N`; absent: one training run
 //! ```
 //!
 //! Unknown tables and keys are errors (a typo must not silently fall back to a default).
@@ -26,6 +36,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use rupantor_pipeline::{GenSettings, VerifySettings};
+
 use crate::model_arg::{DType, DeviceKind, ModelArgs, ModelSettings, Quant};
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -33,8 +45,13 @@ use crate::model_arg::{DType, DeviceKind, ModelArgs, ModelSettings, Quant};
 pub struct RunConfig {
     #[serde(default)]
     pub model: ModelTable,
+    /// Every key has a default, so a table sets only what it changes.
     #[serde(default)]
-    pub generation: GenerationTable,
+    pub generation: GenSettings,
+    #[serde(default)]
+    pub sandbox: VerifySettings,
+    #[serde(default, rename = "loop")]
+    pub self_improve: LoopTable,
     /// `rupantor train`'s keys (`rupantor_train::TrainConfig` fields), checked by
     /// `crate::train::train_table`.
     #[serde(default)]
@@ -52,13 +69,9 @@ pub struct ModelTable {
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct GenerationTable {
-    pub max_new_tokens: Option<usize>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub seed: Option<u64>,
-    pub batch: Option<usize>,
-    pub visible_tests: Option<bool>,
+pub struct LoopTable {
+    /// Iterations of the self-improvement loop (`--iter`).
+    pub iterations: Option<usize>,
 }
 
 impl RunConfig {
@@ -105,7 +118,12 @@ mod tests {
              [generation]\nbatch = 2\n",
         )
         .unwrap();
-        assert_eq!(cfg.generation.batch, Some(2));
+        assert_eq!(cfg.generation.batch, 2);
+        assert_eq!(
+            cfg.generation.max_new_tokens,
+            GenSettings::default().max_new_tokens,
+            "keys left out keep their defaults"
+        );
         let s = cfg.model_settings(&ModelArgs::default());
         assert_eq!(s.model, "google/gemma-2-9b-it");
         assert_eq!(s.quant, Quant::None);

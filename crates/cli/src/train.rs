@@ -1,4 +1,6 @@
-//! `rupantor train`: one QLoRA training run on the trial split (design §1, §5).
+//! `rupantor train`: one QLoRA training run on the trial split (design §5), or with
+//! `--iter N` the self-improvement loop of design §1 (`rupantor_pipeline::run_loop`: per
+//! iteration a fresh adapter on the pool, dev generation, sandbox verification, fold).
 //!
 //! The settings come from three layers, each overriding the one before:
 //!
@@ -8,15 +10,17 @@
 //! 2. `--config FILE`: its `[model]` table (the model, device, quant, dtype, as every command
 //!    reads it) and its `[train]` table, whose keys are `TrainConfig`'s fields
 //!    (`rank = 32`, `lr = 5e-5`, `betas = [0.9, 0.999]`, `optimizer = "adamw8bit"`, ...);
-//!    with `--resume` and no `--config`, the run's own `OUT/run.toml`;
-//! 3. the flags (`--model`, `--rank`, `--max-steps`, `--resume`, `--device`, `--quant`, ...).
+//!    the loop also reads `[generation]` (dev generation), `[sandbox]` and `[loop]
+//!    iterations`; with `--resume` and no `--config`, the run's own `OUT/run.toml`;
+//! 3. the flags (`--model`, `--rank`, `--iter`, `--max-steps`, `--resume`, `--device`,
+//!    `--quant`, ...).
 //!
 //! Two things have one home only, so they cannot disagree: the model is `[model] model` /
 //! `--model`, and the frozen base format is `[model] quant` / `--quant` (nf4: QLoRA; none:
 //! plain LoRA over f32); `[train]` may not set `model`, `base_format` or `resume`.
 //!
 //! Before training, the resolved settings are written atomically to `OUT/run.toml`, a file
-//! `--config` reads back: `[model] model` holds the local path the model argument resolved
+//! `--config` (and `generate --adapter OUT`) reads back: `[model] model` holds the local path the model argument resolved
 //! to, so `generate --adapter OUT` finds the base. The adapter, `metrics.jsonl`, `loss.png` and
 //! the checkpoints are the trainer's (crates/train `trainer`). The summary printed at the end
 //! gives the steps, the best validation loss, whether early stopping fired, the wall time and
@@ -29,6 +33,9 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use rupantor_model::hub::TOKENIZER_FILE;
 use rupantor_model::{GgufFile, Tokenizer};
+use rupantor_pipeline::{
+    run_loop, BaseModel, GenSettings, LoopConfig, LoopHooks, Paths, VerifySettings,
+};
 use rupantor_train::fsutil::write_atomic;
 use rupantor_train::{BaseFormat, LoraModel, TrainConfig, TrainReport};
 use serde::Serialize;
@@ -67,6 +74,10 @@ pub struct TrainArgs {
     /// LoRA rank (the paper compares 8, 16 and 32) [default: 32].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub rank: Option<u32>,
+    /// Run the self-improvement loop for N iterations (train, generate dev, verify, fold);
+    /// without it (and without [loop] iterations), one training run on the trial split.
+    #[arg(long = "iter", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub iterations: Option<u64>,
     /// Stop after N optimizer steps (the cosine schedule is planned for N).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_steps: Option<u64>,
@@ -84,6 +95,11 @@ pub struct ResolvedRun {
     pub settings: ModelSettings,
     pub train: TrainConfig,
     pub out: PathBuf,
+    /// Loop iterations; `None`: one training run.
+    pub iterations: Option<usize>,
+    /// The loop's dev generation.
+    pub generation: GenSettings,
+    pub sandbox: VerifySettings,
 }
 
 /// `[train]` of a config onto the defaults.
@@ -123,10 +139,26 @@ pub fn resolve(args: &TrainArgs, file: &RunConfig) -> Result<ResolvedRun> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("out/r{}", train.rank)));
+    let iterations = args
+        .iterations
+        .map(|n| n as usize)
+        .or(file.self_improve.iterations);
+    if let Some(n) = iterations {
+        ensure!(n >= 1, "[loop] iterations must be at least 1");
+    }
+    let generation = GenSettings {
+        progress: true,
+        ..file.generation.clone()
+    };
+    generation.validate().context("[generation]")?;
+    file.sandbox.validate().context("[sandbox]")?;
     Ok(ResolvedRun {
         settings,
         train,
         out,
+        iterations,
+        generation,
+        sandbox: file.sandbox.clone(),
     })
 }
 
@@ -160,8 +192,17 @@ struct RunFileModel<'a> {
 }
 
 #[derive(Serialize)]
+struct RunFileLoop {
+    iterations: usize,
+}
+
+#[derive(Serialize)]
 struct RunFileHead<'a> {
     model: RunFileModel<'a>,
+    generation: GenSettings,
+    sandbox: &'a VerifySettings,
+    #[serde(rename = "loop", skip_serializing_if = "Option::is_none")]
+    self_improve: Option<RunFileLoop>,
 }
 
 /// `[train]` in `TrainConfig`'s field order, without the keys `--config` may not set; f32
@@ -205,6 +246,9 @@ pub fn run_file_text(
             quant: quant_name(run.settings.quant),
             dtype: dtype_name(run.settings.dtype),
         },
+        generation: run.generation.clone(),
+        sandbox: &run.sandbox,
+        self_improve: run.iterations.map(|iterations| RunFileLoop { iterations }),
     })?;
     let command: Vec<String> = std::env::args().collect();
     Ok(format!(
@@ -316,6 +360,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let text = run_file_text(&run, &model_path, &absolute(&data_file), pool.len())?;
     write_atomic(&run_file, text.as_bytes())?;
+    if let Some(iterations) = run.iterations {
+        return self_improve(&run, iterations, &model_path, &data_dir, text);
+    }
 
     eprintln!(
         "train: {} ({} base), LoRA r {} alpha {} on {}; {} problems from {}; out {}",
@@ -335,6 +382,66 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let load_s = t_load.elapsed().as_secs_f64();
     let report = rupantor_train::train(&model, &tokenizer, &pool, &run.train, &run.out)?;
     print_summary(&report, load_s, t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `train --iter N`: the loop in OUT (its report in `OUT/report.md`).
+fn self_improve(
+    run: &ResolvedRun,
+    iterations: usize,
+    model_path: &Path,
+    data_dir: &Path,
+    resolved_config: String,
+) -> Result<()> {
+    let cfg = LoopConfig {
+        iterations,
+        train: run.train.clone(),
+        generation: run.generation.clone(),
+        verify: run.sandbox.clone(),
+        resume: run.train.resume,
+        keep_checkpoints: false,
+        progress: true,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        resolved_config,
+    };
+    let base = BaseModel {
+        path: model_path.to_path_buf(),
+        device: model_arg::device(run.settings.device)?,
+        tokenizer: load_tokenizer(model_path)?,
+    };
+    let paths = Paths {
+        data_dir: data_dir.to_path_buf(),
+        out_dir: run.out.clone(),
+    };
+    let report = run_loop(&cfg, &paths, &base, LoopHooks::default())?;
+    for r in &report.iterations {
+        println!(
+            "iteration {}: pool {} ({} trial + {} dev), best val loss {}, dev pass@1 {:.4} \
+             ({}/{}), folded {}{}",
+            r.iteration,
+            r.pool_size,
+            r.pool_trial,
+            r.pool_dev,
+            r.train
+                .best_val_loss
+                .map_or("-".to_string(), |l| format!("{l:.4}")),
+            r.dev.pass_at_1,
+            r.dev.passed,
+            r.dev.n,
+            r.fold.added.len(),
+            if r.reused { " (finished earlier)" } else { "" }
+        );
+    }
+    println!(
+        "wall time: {:.1} s; peak RSS: {}",
+        report.wall_s,
+        peak_rss_bytes().map_or("unknown".into(), |b| format!("{:.2} GiB", gib(b)))
+    );
+    println!(
+        "adapter: {}; report: {}",
+        report.out_dir.display(),
+        report.report.display()
+    );
     Ok(())
 }
 

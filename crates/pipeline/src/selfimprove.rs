@@ -798,7 +798,8 @@ fn run_iteration(
         .map(|o| o.response.clone())
         .collect();
     let verified = verify_programs(dev, &programs, &cfg.verify, cfg.progress)?;
-    write_verdicts(&dir.join(VERDICTS_FILE), dev, &verified.verdicts)?;
+    let dev_ids: Vec<u64> = dev.iter().map(|p| p.id).collect();
+    write_verdicts(&dir.join(VERDICTS_FILE), &dev_ids, &verified.verdicts)?;
     let score = &verified.score;
     times.verify_s = t.elapsed().as_secs_f64();
     let by_class = class_counts(score);

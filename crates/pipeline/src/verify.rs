@@ -120,11 +120,18 @@ pub fn verify_programs(
     Ok(Verified { verdicts, score })
 }
 
-/// `verdicts.jsonl` as `rupantor eval --out` writes it: `{"id", "passed", "class", "trace"}`.
-pub fn verdicts_jsonl(problems: &[Problem], verdicts: &[Verdict]) -> Result<String> {
+/// `verdicts.jsonl` as `rupantor eval --out` writes it: `{"id", "passed", "class", "trace"}`,
+/// `ids[i]` the problem of `verdicts[i]`.
+pub fn verdicts_jsonl(ids: &[u64], verdicts: &[Verdict]) -> Result<String> {
+    ensure!(
+        ids.len() == verdicts.len(),
+        "{} ids but {} verdicts",
+        ids.len(),
+        verdicts.len()
+    );
     let mut s = String::new();
-    for (p, v) in problems.iter().zip(verdicts) {
-        let row = json!({"id": p.id, "passed": v.passed, "class": v.class, "trace": v.trace});
+    for (id, v) in ids.iter().zip(verdicts) {
+        let row = json!({"id": id, "passed": v.passed, "class": v.class, "trace": v.trace});
         s.push_str(&serde_json::to_string(&row)?);
         s.push('\n');
     }
@@ -132,8 +139,8 @@ pub fn verdicts_jsonl(problems: &[Problem], verdicts: &[Verdict]) -> Result<Stri
 }
 
 /// Writes [`verdicts_jsonl`] to `path` atomically.
-pub fn write_verdicts(path: &Path, problems: &[Problem], verdicts: &[Verdict]) -> Result<()> {
-    write_atomic(path, verdicts_jsonl(problems, verdicts)?.as_bytes())
+pub fn write_verdicts(path: &Path, ids: &[u64], verdicts: &[Verdict]) -> Result<()> {
+    write_atomic(path, verdicts_jsonl(ids, verdicts)?.as_bytes())
 }
 
 #[cfg(test)]
@@ -181,7 +188,8 @@ mod tests {
         assert_eq!((v.score.n, v.score.passed), (3, 1));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("verdicts.jsonl");
-        write_verdicts(&path, &problems, &v.verdicts).unwrap();
+        let ids: Vec<u64> = problems.iter().map(|p| p.id).collect();
+        write_verdicts(&path, &ids, &v.verdicts).unwrap();
         let rows: Vec<serde_json::Value> = std::fs::read_to_string(&path)
             .unwrap()
             .lines()

@@ -418,20 +418,22 @@ impl LoraModel {
         })
     }
 
-    /// Loads `model_path` with NF4 base weights and the PEFT adapter in `adapter_dir` applied
-    /// (its rank, alpha, rsLoRA and targets from `adapter_config.json`): what
-    /// `generate --adapter` runs. Eval mode; dropout is kept for further training.
+    /// Loads `model_path` with its base weights held as `base` (NF4 for a QLoRA adapter) and
+    /// the PEFT adapter in `adapter_dir` applied (its rank, alpha, rsLoRA and targets from
+    /// `adapter_config.json`): what `generate --adapter` runs. Dropout is kept for further
+    /// training; callers that generate switch training off.
     pub fn load_with_adapter(
         model_path: &Path,
         adapter_dir: &Path,
         device: &Device,
+        base: BaseFormat,
     ) -> Result<Self> {
         let cfg = crate::adapter::AdapterConfig::load(adapter_dir)?;
         let spec = LoraSpec {
             lora: cfg.lora(),
             targets: cfg.targets.clone(),
             seed: 0,
-            base: BaseFormat::Nf4,
+            base,
         };
         let m = Self::load(model_path, device, spec)?;
         crate::adapter::load_adapter_weights(adapter_dir, m.adapters())?;
