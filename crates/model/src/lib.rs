@@ -30,5 +30,6 @@ pub use loader::{
 pub use loss::{chunked_lm_loss, LmLoss, IGNORE_INDEX};
 pub use qlora::{LoraAdapter, LoraConfig, NamedAdapter, Nf4Weight, QLoraBuilder, QLoraLinear};
 pub use tokenizer::{
-    chat_prompt, chat_user_content, ChatExample, GgufVocab, TokenKind, Tokenizer, TokenizerError,
+    chat_prompt, chat_prompt_turns, chat_user_content, ChatExample, GgufVocab, TokenKind,
+    Tokenizer, TokenizerError,
 };

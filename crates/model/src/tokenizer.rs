@@ -37,7 +37,9 @@
 //! invalid run becomes U+FFFD, as Hugging Face does), special tokens are optionally skipped.
 //!
 //! The chat format of design §2 lives here too: [`chat_prompt`], [`Tokenizer::encode_chat`] and
-//! [`Tokenizer::encode_chat_train`] (ids plus the loss mask over the response).
+//! [`Tokenizer::encode_chat_train`] (ids plus the loss mask over the response), and
+//! [`chat_prompt_turns`] / [`Tokenizer::encode_chat_turns`] for prompts with earlier turns
+//! (few-shot examples).
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
@@ -725,9 +727,16 @@ impl Tokenizer {
     /// The same ids as `apply_chat_template(.., add_generation_prompt=True)` with Gemma's
     /// template (fixture-tested).
     pub fn encode_chat(&self, instruction: &str, visible_tests: Option<&[String]>) -> Vec<u32> {
+        self.encode_chat_turns::<&str>(&[], &chat_user_content(instruction, visible_tests))
+    }
+
+    /// A generation prompt of several turns as ids: [`chat_prompt_turns`] (earlier
+    /// `(user, model)` exchanges, then the `user` turn and the model turn's header), with
+    /// `<bos>` as its id. With no history this is [`Self::encode_chat`] of the same content.
+    pub fn encode_chat_turns<S: AsRef<str>>(&self, history: &[(S, S)], user: &str) -> Vec<u32> {
         let mut ids = Vec::new();
         ids.extend(self.bos);
-        let prompt = chat_prompt(instruction, visible_tests);
+        let prompt = chat_prompt_turns(history, user);
         self.encode_into(&prompt[BOS_TEXT.len()..], &mut ids);
         ids
     }
@@ -886,11 +895,33 @@ pub fn chat_user_content(instruction: &str, visible_tests: Option<&[String]>) ->
 /// The generation prompt of design §2 as text, exactly as Gemma's chat template renders it
 /// (the content trimmed): `<bos><start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n`.
 pub fn chat_prompt(instruction: &str, visible_tests: Option<&[String]>) -> String {
-    let content = chat_user_content(instruction, visible_tests);
-    format!(
-        "{BOS_TEXT}{START_OF_TURN}user\n{}{END_OF_TURN}\n{START_OF_TURN}model\n",
-        python_trim(&content)
-    )
+    chat_prompt_turns::<&str>(&[], &chat_user_content(instruction, visible_tests))
+}
+
+/// A generation prompt of several turns as text, exactly as Gemma's chat template (Gemma 2
+/// and 3 alike) renders `[user, assistant, ..., user]` with `add_generation_prompt=True`:
+/// `<bos>`, then per turn `<start_of_turn>{user|model}\n{content trimmed}<end_of_turn>\n`,
+/// then `<start_of_turn>model\n`. `history` holds the earlier `(user, model)` exchanges
+/// (few-shot examples, say), so the roles alternate and the last turn is the user's by
+/// construction, as the template requires.
+pub fn chat_prompt_turns<S: AsRef<str>>(history: &[(S, S)], user: &str) -> String {
+    fn turn(out: &mut String, role: &str, content: &str) {
+        out.push_str(START_OF_TURN);
+        out.push_str(role);
+        out.push('\n');
+        out.push_str(python_trim(content));
+        out.push_str(END_OF_TURN);
+        out.push('\n');
+    }
+    let mut s = String::from(BOS_TEXT);
+    for (u, m) in history {
+        turn(&mut s, "user", u.as_ref());
+        turn(&mut s, "model", m.as_ref());
+    }
+    turn(&mut s, "user", user);
+    s.push_str(START_OF_TURN);
+    s.push_str("model\n");
+    s
 }
 
 /// Python's `str.isspace` (what Jinja's `trim` strips): Rust's whitespace plus the ASCII

@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rupantor_model::tokenizer::{chat_prompt, chat_user_content, GgufVocab, Tokenizer};
+use rupantor_model::tokenizer::{
+    chat_prompt, chat_prompt_turns, chat_user_content, GgufVocab, Tokenizer,
+};
 use rupantor_model::GgufFile;
 use serde_json::Value;
 
@@ -460,4 +462,40 @@ fn chat_user_content_format() {
         "<bos><start_of_turn>user\nDo it.\n\nYour code should pass these tests:\nassert f(1) == 2\n\
          assert f(2) == 3<end_of_turn>\n<start_of_turn>model\n"
     );
+}
+
+#[test]
+fn chat_turns_follow_gemmas_template() {
+    // Rendered by jinja2 with Gemma 2's chat template (Gemma 3's renders user/assistant turns
+    // the same way): messages user "  Q1 যোগফল\n", assistant "def f():\n    return 1\n\n",
+    // user "Q2\n\n...assert f() == 1\n", add_generation_prompt=True.
+    let want = "<bos><start_of_turn>user\nQ1 যোগফল<end_of_turn>\n<start_of_turn>model\n\
+                def f():\n    return 1<end_of_turn>\n<start_of_turn>user\nQ2\n\n\
+                Your code should pass these tests:\nassert f() == 1<end_of_turn>\n\
+                <start_of_turn>model\n";
+    let history = [("  Q1 যোগফল\n", "def f():\n    return 1\n\n")];
+    let user = "Q2\n\nYour code should pass these tests:\nassert f() == 1\n";
+    assert_eq!(chat_prompt_turns(&history, user), want);
+
+    let tok =
+        Tokenizer::from_tokenizer_json(root().join("fixtures/gemma_tiny/gemma2/tokenizer.json"))
+            .unwrap();
+    assert_eq!(
+        tok.encode_chat_turns(&history, user),
+        tok.encode(want, false)
+    );
+
+    // No history: byte-identical to the single-turn prompt, text and ids.
+    let tests = ["assert add(1, 2) == 3".to_string()];
+    for visible in [None, Some(&tests[..])] {
+        let content = chat_user_content("  যোগফল বের করুন।\n", visible);
+        assert_eq!(
+            chat_prompt_turns::<&str>(&[], &content),
+            chat_prompt("  যোগফল বের করুন।\n", visible)
+        );
+        assert_eq!(
+            tok.encode_chat_turns::<&str>(&[], &content),
+            tok.encode_chat("  যোগফল বের করুন।\n", visible)
+        );
+    }
 }

@@ -6,6 +6,8 @@
 //! batch shows in the bar's estimate early). Greedy output does not depend on the batching;
 //! with `temperature > 0` a problem samples from stream (seed, position in its batch), so it
 //! does. Stops are `<end_of_turn>`, the tokenizer's eos and the model config's eos ids.
+//! The batched loop itself is [`generate_texts`], on any prompt ids, so the strategies of
+//! `crate::strategy` (few-shot, repair, review, translation prompts) share it.
 //!
 //! Files, both written atomically (temp file + rename):
 //!
@@ -89,13 +91,18 @@ impl GenSettings {
 
     /// The asserts a problem's prompt shows, if any.
     pub fn visible<'a>(&self, p: &'a Problem) -> Option<&'a [String]> {
+        self.visible_tests_of(&p.test_list)
+    }
+
+    /// The part of `tests` a prompt shows, if any (what [`Self::visible`] gives a problem).
+    pub fn visible_tests_of<'a>(&self, tests: &'a [String]) -> Option<&'a [String]> {
         if !self.visible_tests {
             return None;
         }
         let n = self
             .max_visible_tests
-            .map_or(p.test_list.len(), |m| m.min(p.test_list.len()));
-        Some(&p.test_list[..n])
+            .map_or(tests.len(), |m| m.min(tests.len()));
+        Some(&tests[..n])
     }
 
     /// A one-line description for logs ("greedy" or the sampling settings).
@@ -151,6 +158,28 @@ impl Generated {
     }
 }
 
+/// The model's text for one prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextOutput {
+    /// The decoded tokens, special tokens dropped.
+    pub text: String,
+    /// Sampled tokens, the stop id not counted.
+    pub tokens: usize,
+    pub stop: StopReason,
+}
+
+/// What [`generate_texts`] produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedTexts {
+    /// One per prompt, in prompt order.
+    pub outputs: Vec<TextOutput>,
+    /// Tokens sampled over all prompts (stop ids included).
+    pub tokens: usize,
+    pub secs: f64,
+    /// Prompts cut at `max_new_tokens`.
+    pub cut: usize,
+}
+
 /// The chat prompt ids of every problem.
 pub fn prompts(tok: &Tokenizer, problems: &[Problem], s: &GenSettings) -> Vec<Vec<u32>> {
     problems
@@ -159,9 +188,11 @@ pub fn prompts(tok: &Tokenizer, problems: &[Problem], s: &GenSettings) -> Vec<Ve
         .collect()
 }
 
-fn check_fits(
+/// Fails when prompt `i` plus `max_new_tokens` does not fit `max_pos`; `name(i)` names the
+/// prompt in the error ("problem 7").
+fn check_fits_named(
     ids: &[Vec<u32>],
-    problems: &[Problem],
+    name: impl Fn(usize) -> String,
     s: &GenSettings,
     max_pos: usize,
 ) -> Result<()> {
@@ -171,14 +202,23 @@ fn check_fits(
         .find(|(_, p)| p.len() + s.max_new_tokens > max_pos)
     {
         bail!(
-            "problem {}: prompt of {} tokens + max_new_tokens {} exceeds the model's context \
-             of {max_pos}",
-            problems[i].id,
+            "{}: prompt of {} tokens + max_new_tokens {} exceeds the model's context of \
+             {max_pos}",
+            name(i),
             p.len(),
             s.max_new_tokens
         );
     }
     Ok(())
+}
+
+fn check_fits(
+    ids: &[Vec<u32>],
+    problems: &[Problem],
+    s: &GenSettings,
+    max_pos: usize,
+) -> Result<()> {
+    check_fits_named(ids, |i| format!("problem {}", problems[i].id), s, max_pos)
 }
 
 /// Fails when some problem's prompt plus `max_new_tokens` does not fit `model`'s context
@@ -227,6 +267,45 @@ pub fn generate_programs(
     s.validate()?;
     let ids = prompts(tok, problems, s);
     check_fits(&ids, problems, s, model.config().max_position_embeddings)?;
+    let texts = generate_texts(model, tok, &ids, s, "generate")?;
+    let outputs: Vec<GenOutput> = problems
+        .iter()
+        .zip(texts.outputs)
+        .map(|(p, t)| GenOutput {
+            id: p.id,
+            response: extract_code(&t.text),
+            raw: t.text,
+            tokens: t.tokens,
+            stop: t.stop,
+        })
+        .collect();
+    Ok(Generated {
+        outputs,
+        tokens: texts.tokens,
+        secs: texts.secs,
+        cut: texts.cut,
+    })
+}
+
+/// The model's text for every prompt (ids as [`Tokenizer::encode_chat`] or
+/// [`Tokenizer::encode_chat_turns`] make them): the batched loop behind
+/// [`generate_programs`] and the strategies' stages. Prompts are batched by length (see the
+/// module docs); `label` prefixes the progress bar. Fails before generating anything when a
+/// prompt plus `max_new_tokens` does not fit the model's context.
+pub fn generate_texts(
+    model: &Gemma,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    s: &GenSettings,
+    label: &str,
+) -> Result<GeneratedTexts> {
+    s.validate()?;
+    check_fits_named(
+        prompts,
+        |i| format!("prompt {i}"),
+        s,
+        model.config().max_position_embeddings,
+    )?;
     let gen_cfg = GenerateConfig {
         max_new_tokens: s.max_new_tokens,
         temperature: s.temperature,
@@ -238,7 +317,7 @@ pub fn generate_programs(
     .with_eos_of(model.config());
 
     let bar = ProgressBar::with_draw_target(
-        Some(problems.len() as u64),
+        Some(prompts.len() as u64),
         if s.progress {
             ProgressDrawTarget::stderr()
         } else {
@@ -252,13 +331,13 @@ pub fn generate_programs(
         .expect("valid template")
         .progress_chars("=> "),
     );
-    bar.set_prefix("generate");
+    bar.set_prefix(label.to_string());
     let t0 = Instant::now();
     let mut tokens = 0usize;
-    let mut raw: Vec<Option<(String, usize, StopReason)>> = vec![None; problems.len()];
-    let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+    let mut outs: Vec<Option<TextOutput>> = vec![None; prompts.len()];
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     for group in length_batches(&lens, s.batch) {
-        let batch: Vec<Vec<u32>> = group.iter().map(|&i| ids[i].clone()).collect();
+        let batch: Vec<Vec<u32>> = group.iter().map(|&i| prompts[i].clone()).collect();
         let gens = generate(model, &batch, &gen_cfg, |st: GenStats| {
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
             bar.set_message(format!(
@@ -271,30 +350,24 @@ pub fn generate_programs(
         .context("generation failed")?;
         for (&i, g) in group.iter().zip(gens) {
             tokens += g.tokens.len() + usize::from(g.stop_reason != StopReason::MaxTokens);
-            raw[i] = Some((tok.decode(&g.tokens, true), g.tokens.len(), g.stop_reason));
+            outs[i] = Some(TextOutput {
+                text: tok.decode(&g.tokens, true),
+                tokens: g.tokens.len(),
+                stop: g.stop_reason,
+            });
         }
         bar.inc(group.len() as u64);
     }
     bar.finish_and_clear();
-    let outputs: Vec<GenOutput> = problems
-        .iter()
-        .zip(raw)
-        .map(|(p, r)| {
-            let (text, n, stop) = r.expect("every problem is in one batch");
-            GenOutput {
-                id: p.id,
-                response: extract_code(&text),
-                raw: text,
-                tokens: n,
-                stop,
-            }
-        })
+    let outputs: Vec<TextOutput> = outs
+        .into_iter()
+        .map(|o| o.expect("every prompt is in one batch"))
         .collect();
     let cut = outputs
         .iter()
         .filter(|o| o.stop == StopReason::MaxTokens)
         .count();
-    Ok(Generated {
+    Ok(GeneratedTexts {
         outputs,
         tokens,
         secs: t0.elapsed().as_secs_f64(),
