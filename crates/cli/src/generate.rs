@@ -20,6 +20,14 @@
 //! A split whose problems carry all their asserts (trial, dev) is also scored in the sandbox:
 //! pass@1 and the verdict classes are printed and the verdicts written beside the output
 //! (`verdicts.jsonl`, or `{stem}.verdicts.jsonl` for an `--out` file).
+//!
+//! The inference strategies of design §7 (`rupantor_pipeline::strategy`) are flags, each
+//! ablatable, and keys of a `[strategies]` config table: `--fewshot K` (TF-IDF-retrieved
+//! solved problems as earlier turns, from the run's `pool.jsonl` with `--adapter`, else the
+//! trial split, or `--examples`), `--repair N` (re-prompt failing programs with their verdict,
+//! trace and visible asserts), `--review`, `--translate` (glossary-guided, `--glossary`).
+//! With any of them the visible-assert pass rate is printed beside the full one, and the
+//! strategies' figures go to `strategies.json` (`{stem}.strategies.json` for an `--out` file).
 
 use std::path::{Path, PathBuf};
 
@@ -27,11 +35,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use rupantor_data::Problem;
 use rupantor_model::{Gemma, Tokenizer};
+use rupantor_pipeline::pool::read_pool;
 use rupantor_pipeline::{
-    generate_programs, verify_programs, write_outputs, write_predictions, write_verdicts,
-    GenSettings, Generated, VerifySettings,
+    check_job, generate_programs, generate_with_strategies, verify_programs, write_outputs,
+    write_predictions, write_verdicts, ExamplePool, GenSettings, Generated, Glossary, Strategies,
+    StrategyJob, StrategyRun, VerifySettings,
 };
 use rupantor_train::adapter::AdapterConfig;
+use rupantor_train::fsutil::write_atomic;
 use rupantor_train::{BaseFormat, LoraModel};
 
 use crate::model_arg::{self, ModelArgs, ModelSettings, Quant};
@@ -94,6 +105,77 @@ pub struct GenerateArgs {
     /// Parallel sandbox workers when scoring (default: the cores available).
     #[arg(short = 'j', long = "jobs")]
     pub jobs: Option<usize>,
+    /// Retrieve the K most similar solved problems (TF-IDF) as few-shot turns [default: 0].
+    #[arg(long, value_name = "K")]
+    pub fewshot: Option<usize>,
+    /// Where few-shot examples come from: a split name or problems file with responses, or a
+    /// pool.jsonl [default: the adapter run's pool.jsonl, else the trial split].
+    #[arg(long, value_name = "SPLIT|FILE")]
+    pub examples: Option<String>,
+    /// Up to N repair rounds for programs failing their visible asserts [default: 0].
+    #[arg(long, value_name = "N")]
+    pub repair: Option<usize>,
+    /// A reviewer pass over passing programs; a rewrite is kept only if it still passes.
+    #[arg(long)]
+    pub review: bool,
+    /// Have the model translate each instruction to English (glossary-guided) and add the
+    /// translation to the prompt.
+    #[arg(long)]
+    pub translate: bool,
+    /// The glossary for --translate [default: the built-in copy of configs/glossary.toml].
+    #[arg(long, value_name = "FILE")]
+    pub glossary: Option<PathBuf>,
+    /// Repair against all of a dev problem's asserts rather than only its first (for the
+    /// loop's own use: the dev score then no longer judges on unseen asserts).
+    #[arg(long)]
+    pub repair_all_dev_asserts: bool,
+}
+
+/// Flags over the config's `[strategies]` table.
+fn strategies(args: &GenerateArgs, cfg: &RunConfig) -> Result<Strategies> {
+    let mut s = cfg.strategies.clone();
+    if let Some(k) = args.fewshot {
+        s.fewshot = k;
+    }
+    if let Some(n) = args.repair {
+        s.repair = n;
+    }
+    s.review |= args.review;
+    s.translate |= args.translate;
+    s.repair_on_all_dev_asserts |= args.repair_all_dev_asserts;
+    s.validate()?;
+    Ok(s)
+}
+
+/// The few-shot pool: `--examples`, else the adapter run's `pool.jsonl`, else trial.
+fn example_pool(
+    args: &GenerateArgs,
+    data_dir: &Path,
+    run_file: Option<&Path>,
+) -> Result<ExamplePool> {
+    let pool_file = |p: &Path| p.file_name().is_some_and(|n| n == "pool.jsonl");
+    let source = match (&args.examples, run_file) {
+        (Some(e), _) => e.clone(),
+        (None, Some(run)) if run.with_file_name("pool.jsonl").is_file() => {
+            run.with_file_name("pool.jsonl").display().to_string()
+        }
+        (None, _) => "trial".to_string(),
+    };
+    let pool = if pool_file(Path::new(&source)) {
+        ExamplePool::from_pool(&read_pool(Path::new(&source))?)
+    } else {
+        let problems = rupantor_data::load_split(data_dir, &source)
+            .with_context(|| format!("few-shot examples {source:?}"))?;
+        ExamplePool::from_problems(&split_name(&source), &problems)
+    };
+    if pool.is_empty() {
+        bail!("few-shot examples {source:?}: no solved problems (none has a response)");
+    }
+    eprintln!(
+        "generate: few-shot examples from {source} ({} solved problems)",
+        pool.len()
+    );
+    Ok(pool)
 }
 
 /// Flags over the config's `[generation]` table (whose keys left out are the defaults).
@@ -150,6 +232,8 @@ struct OutputPlan {
     /// Predictions JSONL beside a default `submission.json`.
     predictions: Option<PathBuf>,
     verdicts: PathBuf,
+    /// The strategies' figures, when any strategy ran.
+    strategies: PathBuf,
 }
 
 fn output_plan(out: Option<&Path>, adapter: Option<&Path>, split: &str) -> OutputPlan {
@@ -163,6 +247,7 @@ fn output_plan(out: Option<&Path>, adapter: Option<&Path>, split: &str) -> Outpu
                 main: path.to_path_buf(),
                 predictions: None,
                 verdicts: path.with_file_name(format!("{stem}.verdicts.jsonl")),
+                strategies: path.with_file_name(format!("{stem}.strategies.json")),
             }
         }
         (None, Some(dir)) => {
@@ -171,12 +256,14 @@ fn output_plan(out: Option<&Path>, adapter: Option<&Path>, split: &str) -> Outpu
                 main: dir.join("submission.json"),
                 predictions: Some(dir.join("predictions.jsonl")),
                 verdicts: dir.join("verdicts.jsonl"),
+                strategies: dir.join("strategies.json"),
             }
         }
         (None, None) => {
             let main = PathBuf::from("out/generate").join(format!("{name}.jsonl"));
             OutputPlan {
                 verdicts: main.with_file_name(format!("{name}.verdicts.jsonl")),
+                strategies: main.with_file_name(format!("{name}.strategies.json")),
                 main,
                 predictions: None,
             }
@@ -256,6 +343,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         })?;
     }
     let gen = gen_settings(&args, &cfg)?;
+    let strategies = strategies(&args, &cfg)?;
     let data_dir = rupantor_data::data_dir(args.data.as_deref());
     let mut problems = rupantor_data::load_split(&data_dir, &args.split)
         .with_context(|| format!("loading split {:?}", args.split))?;
@@ -263,6 +351,31 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         problems.truncate(n);
     }
     let plan = output_plan(args.out.as_deref(), args.adapter.as_deref(), &args.split);
+    let verify = VerifySettings {
+        workers: args.jobs.unwrap_or(cfg.sandbox.workers),
+        ..cfg.sandbox.clone()
+    };
+    let run_file = args.adapter.as_deref().and_then(run_file_of);
+    let examples = match strategies.fewshot {
+        0 => None,
+        _ => Some(example_pool(&args, &data_dir, run_file.as_deref())?),
+    };
+    let glossary = args.glossary.as_deref().map(Glossary::load).transpose()?;
+    let split = split_name(&args.split);
+    let job = StrategyJob {
+        split: &split,
+        problems: &problems,
+        strategies: &strategies,
+        generation: &gen,
+        sandbox: &verify,
+        examples: examples.as_ref(),
+        glossary: glossary.as_ref(),
+        score_visible: true,
+    };
+    if !strategies.is_plain() {
+        // Before the model load: a missing pool or an unusable sandbox fails fast.
+        check_job(&job)?;
+    }
 
     let loaded = match &args.adapter {
         Some(dir) => load_adapted(&settings, dir)?,
@@ -278,21 +391,64 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     };
     eprintln!(
-        "generate: {} problems from {}; {}",
+        "generate: {} problems from {}; {}; strategies: {}",
         problems.len(),
         args.split,
-        gen.describe()
+        gen.describe(),
+        strategies.describe()
     );
-    let generated = generate_programs(loaded.gemma(), loaded.tokenizer(), &problems, &gen)?;
+    let (generated, strategy_run) = if strategies.is_plain() {
+        let g = generate_programs(loaded.gemma(), loaded.tokenizer(), &problems, &gen)?;
+        (g, None)
+    } else {
+        let r = generate_with_strategies(loaded.gemma(), loaded.tokenizer(), &job)?;
+        (r.generated(), Some(r))
+    };
     write_all(&plan, &generated)?;
     report(&generated);
+    if let Some(r) = &strategy_run {
+        report_strategies(r, &plan.strategies)?;
+    }
     if scores(&args.split) {
-        let verify = VerifySettings {
-            workers: args.jobs.unwrap_or(cfg.sandbox.workers),
-            ..cfg.sandbox.clone()
-        };
         score(&problems, &generated, &verify, &plan.verdicts)?;
     }
+    Ok(())
+}
+
+/// What the strategies did, and the visible-assert pass rate before and after them (repair
+/// can fit the visible assert and still fail the unseen ones: compare with the full score).
+fn report_strategies(r: &StrategyRun, path: &Path) -> Result<()> {
+    let st = &r.stats;
+    let rate = |s: Option<&rupantor_exec::Score>| {
+        s.map_or("-".to_string(), |s| {
+            format!("{:.4} ({}/{})", s.pass_at_1(), s.passed, s.n)
+        })
+    };
+    println!(
+        "visible asserts pass@1: {} before repair/review, {} after",
+        rate(st.visible_before.as_ref()),
+        rate(st.visible.as_ref())
+    );
+    println!(
+        "strategies: {} translated, {} few-shot examples ({} dropped to fit), {} entered \
+         repair, {} repaired in {} rounds, review kept {} / rejected {} / unchanged {}, {} \
+         prompts too long; {} sandbox runs",
+        st.translated,
+        st.fewshot_examples,
+        st.fewshot_dropped,
+        st.entered_repair,
+        st.repaired,
+        st.repair_rounds,
+        st.review_kept,
+        st.review_rejected,
+        st.review_unchanged,
+        st.too_long,
+        st.sandbox_runs
+    );
+    let mut text = serde_json::to_string_pretty(&st.to_json())?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())?;
+    println!("wrote {}", path.display());
     Ok(())
 }
 

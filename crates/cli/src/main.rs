@@ -40,7 +40,7 @@ enum Command {
     /// Mean next-token NLL and perplexity of a text file under a model.
     Perplexity(perplexity::PerplexityArgs),
     /// Generate a program for every problem of a split (JSONL, or submission.json).
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// Train a LoRA adapter on the trial split (QLoRA: frozen NF4 base, paged 8-bit AdamW).
     Train(train::TrainArgs),
 }
@@ -52,7 +52,7 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Perplexity(args) => perplexity::run(args),
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => generate::run(*args),
         Command::Train(args) => train::run(args),
     }
 }

@@ -26,6 +26,12 @@
 //!
 //! [loop]
 //! iterations = 2                   # `train --iter N`; absent: one training run
+//!
+//! [strategies]                     # rupantor_pipeline::Strategies (generate)
+//! fewshot = 0
+//! repair = 0
+//! review = false
+//! translate = false
 //! ```
 //!
 //! Unknown tables and keys are errors (a typo must not silently fall back to a default).
@@ -36,7 +42,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
-use rupantor_pipeline::{GenSettings, VerifySettings};
+use rupantor_pipeline::{GenSettings, Strategies, VerifySettings};
 
 use crate::model_arg::{DType, DeviceKind, ModelArgs, ModelSettings, Quant};
 
@@ -52,6 +58,9 @@ pub struct RunConfig {
     pub sandbox: VerifySettings,
     #[serde(default, rename = "loop")]
     pub self_improve: LoopTable,
+    /// `generate`'s inference strategies (design §7); all off by default.
+    #[serde(default)]
+    pub strategies: Strategies,
     /// `rupantor train`'s keys (`rupantor_train::TrainConfig` fields), checked by
     /// `crate::train::train_table`.
     #[serde(default)]

@@ -34,7 +34,7 @@ use clap::Args;
 use rupantor_model::hub::TOKENIZER_FILE;
 use rupantor_model::{GgufFile, Tokenizer};
 use rupantor_pipeline::{
-    run_loop, BaseModel, GenSettings, LoopConfig, LoopHooks, Paths, VerifySettings,
+    run_loop, BaseModel, GenSettings, LoopConfig, LoopHooks, Paths, Strategies, VerifySettings,
 };
 use rupantor_train::fsutil::write_atomic;
 use rupantor_train::{BaseFormat, LoraModel, TrainConfig, TrainReport};
@@ -99,6 +99,8 @@ pub struct ResolvedRun {
     pub iterations: Option<usize>,
     /// The loop's dev generation.
     pub generation: GenSettings,
+    /// Inference strategies of the loop's dev generation.
+    pub strategies: Strategies,
     pub sandbox: VerifySettings,
 }
 
@@ -158,6 +160,7 @@ pub fn resolve(args: &TrainArgs, file: &RunConfig) -> Result<ResolvedRun> {
         out,
         iterations,
         generation,
+        strategies: file.strategies.clone(),
         sandbox: file.sandbox.clone(),
     })
 }
@@ -200,6 +203,8 @@ struct RunFileLoop {
 struct RunFileHead<'a> {
     model: RunFileModel<'a>,
     generation: GenSettings,
+    #[serde(skip_serializing_if = "Strategies::is_plain")]
+    strategies: Strategies,
     sandbox: &'a VerifySettings,
     #[serde(rename = "loop", skip_serializing_if = "Option::is_none")]
     self_improve: Option<RunFileLoop>,
@@ -247,6 +252,7 @@ pub fn run_file_text(
             dtype: dtype_name(run.settings.dtype),
         },
         generation: run.generation.clone(),
+        strategies: run.strategies.clone(),
         sandbox: &run.sandbox,
         self_improve: run.iterations.map(|iterations| RunFileLoop { iterations }),
     })?;
@@ -397,6 +403,7 @@ fn self_improve(
         iterations,
         train: run.train.clone(),
         generation: run.generation.clone(),
+        strategies: run.strategies.clone(),
         verify: run.sandbox.clone(),
         resume: run.train.resume,
         keep_checkpoints: false,

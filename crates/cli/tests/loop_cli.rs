@@ -139,6 +139,64 @@ fn two_iterations_then_submissions_from_the_adapter() {
         ids_of(&dir.path().join("dev1.verdicts.jsonl")),
         [101, 102, 103, 104]
     );
+
+    // Every strategy at once: few-shot from the run's pool, repair, review, translation.
+    let file = dir.path().join("dev_all.jsonl");
+    let mut gen = rupantor(
+        &[
+            "generate",
+            "--split",
+            "dev",
+            "--fewshot",
+            "2",
+            "--repair",
+            "1",
+            "--review",
+            "--translate",
+            "--data",
+        ],
+        &[&data],
+    );
+    gen.arg("--adapter").arg(&out).arg("--out").arg(&file);
+    let (stdout, stderr) = run_ok(gen);
+    assert!(stderr.contains("few-shot examples from"), "{stderr}");
+    assert!(stderr.contains("pool.jsonl"), "{stderr}");
+    assert!(stdout.contains("visible asserts pass@1: "), "{stdout}");
+    assert!(stdout.contains("pass@1: "), "{stdout}");
+    let stats: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("dev_all.strategies.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stats["visible"]["n"], 4);
+    assert_eq!(ids_of(&file), [101, 102, 103, 104]);
+}
+
+#[test]
+fn the_loop_generates_dev_with_configured_strategies() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tiny-strategies.toml");
+    let tiny = std::fs::read_to_string(repo().join("configs/tiny.toml")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{tiny}\n[strategies]\nfewshot = 1\nrepair = 1\n"),
+    )
+    .unwrap();
+    let out = dir.path().join("o");
+    let data = repo().join("data/samples/loop");
+    let mut train = rupantor(&["train", "--iter", "1", "--data"], &[&data]);
+    train.arg("--config").arg(&cfg).arg("--out").arg(&out);
+    run_ok(train);
+    let run: toml::Table =
+        toml::from_str(&std::fs::read_to_string(out.join("run.toml")).unwrap()).unwrap();
+    assert_eq!(run["strategies"]["repair"].as_integer(), Some(1));
+    assert_eq!(run["strategies"]["fewshot"].as_integer(), Some(1));
+    assert_eq!(
+        ids_of(&out.join("iter1/verdicts.jsonl")),
+        [101, 102, 103, 104]
+    );
+    // A plain run writes no [strategies] table.
+    let plain = std::fs::read_to_string(repo().join("configs/tiny.toml")).unwrap();
+    assert!(!plain.contains("[strategies]"));
 }
 
 #[test]

@@ -7,8 +7,9 @@
 //!    the config says) is trained on the pool: the trainer's adapter, `metrics.jsonl`,
 //!    `loss.png` and `checkpoint/`;
 //! 3. a program for every dev problem with that adapter ([`Generator`]; by default
-//!    [`ModelGenerator`]: batched, greedy unless configured otherwise) ->
-//!    `dev_predictions.jsonl`;
+//!    [`ModelGenerator`]: batched, greedy unless configured otherwise, or with
+//!    `LoopConfig::strategies` set, a [`StrategyGenerator`] whose few-shot examples come
+//!    from the iteration's pool) -> `dev_predictions.jsonl`;
 //! 4. each program against *all* its dev asserts in the sandbox -> `verdicts.jsonl`
 //!    (`{"id", "passed", "class", "trace"}`);
 //! 5. the fold ([`Pool::fold`]): passing programs of dev problems not yet in the pool and
@@ -50,6 +51,8 @@ use crate::generate::{
 };
 use crate::pool::{read_pool, write_pool, Pool, PoolEntry, Source};
 use crate::report::render_report;
+use crate::retrieval::ExamplePool;
+use crate::strategy::{Strategies, StrategyGenerator};
 pub use crate::verify::VerifySettings;
 use crate::verify::{verify_programs, write_verdicts};
 
@@ -80,6 +83,8 @@ pub struct LoopConfig {
     pub train: TrainConfig,
     /// Dev generation. `progress` is the loop's to set.
     pub generation: GenSettings,
+    /// Inference strategies for dev generation (all off: plain generation).
+    pub strategies: Strategies,
     pub verify: VerifySettings,
     /// Continue the run in the output folder (`--resume`); without it a folder holding an
     /// earlier run is refused.
@@ -101,6 +106,7 @@ impl Default for LoopConfig {
             iterations: 2,
             train: TrainConfig::default(),
             generation: GenSettings::default(),
+            strategies: Strategies::default(),
             verify: VerifySettings::default(),
             resume: false,
             keep_checkpoints: false,
@@ -116,6 +122,7 @@ impl LoopConfig {
         ensure!(self.iterations >= 1, "--iter must be at least 1");
         self.train.validate()?;
         self.generation.validate()?;
+        self.strategies.validate()?;
         self.verify.validate()
     }
 }
@@ -375,6 +382,9 @@ struct DigestInputs<'a> {
     base: String,
     train: serde_json::Value,
     generation: GenSettings,
+    /// Left out when plain, so plain runs keep the digests they had before strategies.
+    #[serde(skip_serializing_if = "Strategies::is_plain")]
+    strategies: Strategies,
     timeout_s: f64,
     memory_mb: u64,
     pool: &'a [PoolEntry],
@@ -402,6 +412,7 @@ fn iteration_digest(
             progress: false,
             ..cfg.generation.clone()
         },
+        strategies: cfg.strategies.clone(),
         timeout_s: cfg.verify.timeout_s,
         memory_mb: cfg.verify.memory_mb,
         pool: pool.entries(),
@@ -529,10 +540,7 @@ pub fn run_loop(
         out.display(),
         if cfg.resume { " (resume)" } else { "" }
     );
-    let mut generator: Box<dyn Generator + '_> = hooks
-        .generator
-        .take()
-        .unwrap_or_else(|| Box::new(ModelGenerator));
+    let mut custom_generator = hooks.generator.take();
     let mut reports: Vec<IterationReport> = Vec::new();
     for k in 1..=cfg.iterations {
         let dir = iter_dir(out, k);
@@ -573,10 +581,15 @@ pub fn run_loop(
             reports.push(r);
             continue;
         }
+        let mut default_generator = default_generator(cfg, &pool);
+        let generator = match custom_generator.as_mut() {
+            Some(g) => g.as_mut(),
+            None => default_generator.as_mut(),
+        };
         let r = run_iteration(
             cfg,
             models,
-            generator.as_mut(),
+            generator,
             &mut hooks,
             Iteration {
                 k,
@@ -622,6 +635,21 @@ pub fn run_loop(
         out_dir: out.clone(),
         report,
         wall_s,
+    })
+}
+
+/// Plain generation, or the configured strategies with few-shot examples from `pool`.
+fn default_generator(cfg: &LoopConfig, pool: &Pool) -> Box<dyn Generator> {
+    if cfg.strategies.is_plain() {
+        return Box::new(ModelGenerator);
+    }
+    Box::new(StrategyGenerator {
+        strategies: cfg.strategies.clone(),
+        split: DEV_SPLIT.to_string(),
+        sandbox: cfg.verify.clone(),
+        examples: (cfg.strategies.fewshot > 0).then(|| ExamplePool::from_pool(pool.entries())),
+        glossary: None,
+        runs: Vec::new(),
     })
 }
 
@@ -928,6 +956,7 @@ mod tests {
                 progress: false,
                 ..GenSettings::default()
             },
+            strategies: Strategies::default(),
         };
         assert_eq!(d(&controls, 1, "m", &pool, &dev), base);
         // Everything that changes the outcome does.
@@ -952,6 +981,13 @@ mod tests {
             },
             ..cfg.clone()
         };
+        let repair = LoopConfig {
+            strategies: Strategies {
+                repair: 2,
+                ..Strategies::default()
+            },
+            ..cfg.clone()
+        };
         let mut dev2 = dev.clone();
         dev2[0].test_list.push("assert 1".into());
         let mut pool2 = pool.clone();
@@ -969,6 +1005,7 @@ mod tests {
             )
             .unwrap();
         for other in [
+            d(&repair, 1, "m", &pool, &dev),
             d(&lr, 1, "m", &pool, &dev),
             d(&gen, 1, "m", &pool, &dev),
             d(&timeout, 1, "m", &pool, &dev),
