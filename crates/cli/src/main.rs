@@ -10,7 +10,6 @@ mod bench_sandbox;
 mod bench_train;
 mod eval;
 mod generate;
-mod lm_head;
 mod model_arg;
 mod perplexity;
 mod quantize;

@@ -14,14 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use crate::lm_head::{InferenceBuilder, LmHeadForm};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
 use rupantor_model::hub::{self, HubOptions, TOKENIZER_FILE};
 use rupantor_model::{
     build_gemma, load_gemma_with, DenseBuilder, Gemma, GgufFile, GgufGemma, GgufVocab,
-    LinearBuilder, QLoraBuilder, Tokenizer,
+    InferenceBuilder, LinearBuilder, LmHeadForm, QLoraBuilder, Tokenizer,
 };
 
 /// `--model` value of the embedded default.
@@ -201,7 +200,7 @@ pub struct LoadedModel {
     /// The local path `M` resolved to.
     pub path: PathBuf,
     pub load_secs: f64,
-    /// The lm_head is held as exact Q8 blocks ([`crate::lm_head`]).
+    /// The lm_head is held as exact Q8 blocks ([`rupantor_model::lm_head`]).
     pub lm_head_q8: bool,
 }
 

@@ -8,6 +8,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hub;
 pub mod linear;
+pub mod lm_head;
 pub mod loader;
 pub mod loss;
 pub mod qlora;
@@ -23,12 +24,15 @@ pub use linear::{
     DenseBuilder, DenseLinear, FrozenMatmulGrad, Linear, LinearBuilder, LinearRole, LinearWeight,
     QuantizedWeight,
 };
+pub use lm_head::{InferenceBuilder, LmHeadForm, Q8Linear};
 pub use loader::{
     build_gemma, load_config, load_gemma, load_gemma_gguf, load_gemma_gguf_dense, load_gemma_with,
     load_model, LoadError, SafetensorsStore, TensorSource,
 };
 pub use loss::{chunked_lm_loss, LmLoss, IGNORE_INDEX};
-pub use qlora::{LoraAdapter, LoraConfig, NamedAdapter, Nf4Weight, QLoraBuilder, QLoraLinear};
+pub use qlora::{
+    DropoutClock, LoraAdapter, LoraConfig, NamedAdapter, Nf4Weight, QLoraBuilder, QLoraLinear,
+};
 pub use tokenizer::{
     chat_prompt, chat_prompt_turns, chat_user_content, ChatExample, GgufVocab, TokenKind,
     Tokenizer, TokenizerError,

@@ -12,7 +12,7 @@
 //! NF4 weight directly ([`rupantor_quant::gemv`]).
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
@@ -254,7 +254,7 @@ fn gcd(mut a: usize, mut b: usize) -> usize {
 }
 
 /// The same thread count candle's own CPU matmul uses (shared by every custom matmul op).
-pub fn parallelism() -> gemm::Parallelism {
+pub(crate) fn parallelism() -> gemm::Parallelism {
     let n = candle_core::utils::get_num_threads();
     if n > 1 {
         gemm::Parallelism::Rayon(n)
@@ -264,7 +264,7 @@ pub fn parallelism() -> gemm::Parallelism {
 }
 
 /// A row-major f32 `[m, k]` view of a custom op's CPU input.
-pub fn f32_rows<'a>(
+pub(crate) fn f32_rows<'a>(
     op: &str,
     s: &'a CpuStorage,
     l: &Layout,
@@ -383,6 +383,60 @@ pub fn layer_seed(seed: u64, name: &str) -> u64 {
     SplitMix64(seed ^ fnv1a(name)).next_u64()
 }
 
+/// A training position shared by the layers of a model (clones share it). An adapter given
+/// one through [`LoraAdapter::with_dropout_clock`] draws its dropout masks from a stream per
+/// (layer, tick): the position alone then determines every mask, so a resumed run draws the
+/// same masks as an uninterrupted one.
+#[derive(Debug, Clone, Default)]
+pub struct DropoutClock(Arc<AtomicU64>);
+
+impl DropoutClock {
+    pub fn set(&self, tick: u64) {
+        self.0.store(tick, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Where an adapter's dropout masks come from.
+#[derive(Debug)]
+enum DropoutStream {
+    /// One stream for the adapter's lifetime.
+    Continuous(SplitMix64),
+    /// A stream per clock tick, derived from `seed` and the tick.
+    Clocked {
+        clock: DropoutClock,
+        seed: u64,
+        tick: Option<u64>,
+        rng: SplitMix64,
+    },
+}
+
+impl DropoutStream {
+    /// The generator for the next mask (re-seeded when the clock has moved).
+    fn rng(&mut self) -> &mut SplitMix64 {
+        match self {
+            DropoutStream::Continuous(rng) => rng,
+            DropoutStream::Clocked {
+                clock,
+                seed,
+                tick,
+                rng,
+            } => {
+                let now = clock.get();
+                if *tick != Some(now) {
+                    let mut mix = SplitMix64(*seed ^ now.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+                    *rng = SplitMix64(mix.next_u64());
+                    *tick = Some(now);
+                }
+                rng
+            }
+        }
+    }
+}
+
 /// The trainable half of a QLoRA layer.
 #[derive(Debug)]
 pub struct LoraAdapter {
@@ -392,7 +446,7 @@ pub struct LoraAdapter {
     pub b: Var,
     pub scale: f64,
     pub dropout: f32,
-    rng: Mutex<SplitMix64>,
+    stream: Mutex<DropoutStream>,
 }
 
 impl LoraAdapter {
@@ -439,8 +493,20 @@ impl LoraAdapter {
             b,
             scale,
             dropout,
-            rng: Mutex::new(SplitMix64(seed)),
+            stream: Mutex::new(DropoutStream::Continuous(SplitMix64(seed))),
         })
+    }
+
+    /// Draws the dropout masks from a stream per tick of `clock` (see [`DropoutClock`]),
+    /// seeded by `seed` and the tick, instead of one stream for the adapter's lifetime.
+    pub fn with_dropout_clock(mut self, clock: DropoutClock, seed: u64) -> Self {
+        self.stream = Mutex::new(DropoutStream::Clocked {
+            clock,
+            seed,
+            tick: None,
+            rng: SplitMix64(0),
+        });
+        self
     }
 
     pub fn rank(&self) -> usize {
@@ -449,17 +515,39 @@ impl LoraAdapter {
 
     /// Inverted dropout on `x` (PEFT's `nn.Dropout`): zero with probability p, scale the rest
     /// by `1 / (1 - p)`. The mask is drawn on the host from this layer's stream.
-    fn dropout(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn dropout(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.dropout;
         let keep = 1.0 / (1.0 - p);
         let mask: Vec<f32> = {
-            let mut rng = self.rng.lock().expect("dropout rng poisoned");
+            let mut stream = self.stream.lock().expect("dropout stream poisoned");
+            let rng = stream.rng();
             (0..x.elem_count())
                 .map(|_| if rng.next_f32() < p { 0.0 } else { keep })
                 .collect()
         };
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask
+    }
+
+    /// The adapter's term of the layer output, `scale · B(A(dropout(x)))` for `x: [rows, in]`;
+    /// dropout only when `training`.
+    pub fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+        let h = if training && self.dropout > 0.0 {
+            self.dropout(x)?
+        } else {
+            x.clone()
+        };
+        let z = h.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
+        z * self.scale
+    }
+
+    /// The adapter's term of the input gradient, `scale · dy B A` for `dy: [rows, out]`
+    /// (detached: the derivative of the eval-mode map).
+    pub fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        let z = dy
+            .matmul(&self.b.as_tensor().detach())?
+            .matmul(&self.a.as_tensor().detach())?;
+        z * self.scale
     }
 }
 
@@ -558,13 +646,7 @@ impl Linear for QLoraLinear {
         let x2 = x.reshape((rows, in_dim))?.contiguous()?;
         let mut y = self.frozen_forward(&x2)?;
         if let Some(l) = &self.lora {
-            let h = if self.is_training() && l.dropout > 0.0 {
-                l.dropout(&x2)?
-            } else {
-                x2
-            };
-            let z = h.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
-            y = (y + (z * l.scale)?)?;
+            y = (y + l.forward(&x2, self.is_training())?)?;
         }
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_features());
@@ -600,10 +682,7 @@ impl Linear for QLoraLinear {
             tile_rows: self.tile_rows,
         })?;
         if let Some(l) = &self.lora {
-            let z = dy2
-                .matmul(&l.b.as_tensor().detach())?
-                .matmul(&l.a.as_tensor().detach())?;
-            dx = (dx + (z * l.scale)?)?;
+            dx = (dx + l.input_grad(&dy2)?)?;
         }
         let mut in_dims = lead.to_vec();
         in_dims.push(self.in_features());

@@ -9,26 +9,28 @@
 //! B, per-layer seed from the run seed and the weight name), so a [`LoraBuilder`] starts from
 //! the same adapter as the model crate's `QLoraBuilder` with the same seed.
 //!
-//! What differs from `QLoraLinear`'s own adapter is the dropout stream. A resumed run must draw
-//! the same masks as an uninterrupted one, so masks are not drawn from one stream that runs for
-//! the whole process but from a stream per (layer, micro-batch): a shared [`DropoutClock`],
-//! set by the trainer to the global micro-batch index before each forward, selects it. The
-//! training position alone then determines every mask, and a checkpoint only has to record
-//! the position.
+//! The adapter's terms are [`LoraAdapter`]'s (the same as in `QLoraLinear`); what differs is
+//! the dropout stream. A resumed run must draw the same masks as an uninterrupted one, so
+//! masks are not drawn from one stream that runs for the whole process but from a stream per
+//! (layer, micro-batch): a shared [`DropoutClock`], set by the trainer to the global
+//! micro-batch index before each forward, selects it. The training position alone then
+//! determines every mask, and a checkpoint only has to record the position.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rupantor_model::linear::{DenseLinear, Linear, LinearBuilder, LinearRole, LinearWeight};
 use rupantor_model::qlora::layer_seed;
+pub use rupantor_model::DropoutClock;
 use rupantor_model::{
     load_model, Gemma, LoraAdapter, LoraConfig, NamedAdapter, QLoraLinear, QuantizedWeight,
 };
 use rupantor_quant::Nf4Tensor;
 use serde::{Deserialize, Serialize};
+
+use crate::rng::SplitMix64;
 
 /// The seven projections PEFT calls `q_proj` ... `down_proj`, in model order.
 pub const ALL_TARGETS: [LinearRole; 7] = [
@@ -84,130 +86,45 @@ impl LoraSpec {
     }
 }
 
-/// The training position that selects every dropout mask; shared by all layers of a model.
-#[derive(Debug, Clone, Default)]
-pub struct DropoutClock(Arc<AtomicU64>);
-
-impl DropoutClock {
-    pub fn set(&self, tick: u64) {
-        self.0.store(tick, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// SplitMix64, the generator `LoraAdapter` uses too (its stream is stable by construction).
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 24 random bits.
-    fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-}
-
-#[derive(Debug)]
-struct DropoutStream {
-    tick: Option<u64>,
-    rng: SplitMix64,
-}
-
 /// A LoRA adapter over a frozen base layer; see the module docs.
 #[derive(Debug)]
 pub struct LoraLinear {
     base: Box<dyn Linear>,
-    a: Var,
-    b: Var,
-    scale: f64,
-    dropout: f32,
-    seed: u64,
-    clock: DropoutClock,
-    stream: Mutex<DropoutStream>,
+    lora: LoraAdapter,
     training: AtomicBool,
 }
 
 impl LoraLinear {
-    /// `a: [r, in]`, `b: [out, r]` must fit `base`.
-    pub fn new(
-        base: Box<dyn Linear>,
-        a: Var,
-        b: Var,
-        cfg: &LoraConfig,
-        seed: u64,
-        clock: DropoutClock,
-    ) -> candle_core::Result<Self> {
-        let (r, a_in) = a.dims2()?;
-        let (b_out, rb) = b.dims2()?;
-        if r != rb || a_in != base.in_features() || b_out != base.out_features() {
+    /// `lora` (`A: [r, in]`, `B: [out, r]`) must fit `base`.
+    pub fn new(base: Box<dyn Linear>, lora: LoraAdapter) -> candle_core::Result<Self> {
+        let (_, a_in) = lora.a.dims2()?;
+        let (b_out, _) = lora.b.dims2()?;
+        if a_in != base.in_features() || b_out != base.out_features() {
             candle_core::bail!(
                 "LoRA A {:?} / B {:?} do not fit a [{}, {}] layer",
-                a.dims(),
-                b.dims(),
+                lora.a.dims(),
+                lora.b.dims(),
                 base.out_features(),
                 base.in_features()
             );
         }
-        if !(0.0..1.0).contains(&cfg.dropout) {
-            candle_core::bail!("LoRA dropout must be in [0, 1), got {}", cfg.dropout);
-        }
         Ok(Self {
             base,
-            a,
-            b,
-            scale: cfg.scale(),
-            dropout: cfg.dropout,
-            seed,
-            clock,
-            stream: Mutex::new(DropoutStream {
-                tick: None,
-                rng: SplitMix64(0),
-            }),
+            lora,
             training: AtomicBool::new(false),
         })
     }
 
     pub fn a(&self) -> &Var {
-        &self.a
+        &self.lora.a
     }
 
     pub fn b(&self) -> &Var {
-        &self.b
+        &self.lora.b
     }
 
     pub fn scale(&self) -> f64 {
-        self.scale
-    }
-
-    /// Inverted dropout (zero with probability p, the rest scaled by `1 / (1 - p)`), the mask
-    /// drawn on the host from this layer's stream for the current clock tick.
-    fn dropout(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let p = self.dropout;
-        let keep = 1.0 / (1.0 - p);
-        let tick = self.clock.get();
-        let mask: Vec<f32> = {
-            let mut s = self.stream.lock().expect("dropout stream poisoned");
-            if s.tick != Some(tick) {
-                let mut mix = SplitMix64(self.seed ^ tick.wrapping_mul(0xD6E8_FEB8_6659_FD93));
-                s.rng = SplitMix64(mix.next_u64());
-                s.tick = Some(tick);
-            }
-            (0..x.elem_count())
-                .map(|_| if s.rng.next_f32() < p { 0.0 } else { keep })
-                .collect()
-        };
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x * mask
+        self.lora.scale
     }
 }
 
@@ -220,15 +137,12 @@ impl Linear for LoraLinear {
         };
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let h = if self.training.load(Ordering::Relaxed) && self.dropout > 0.0 {
-            self.dropout(&x2)?
-        } else {
-            x2
-        };
-        let z = h.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
+        let z = self
+            .lora
+            .forward(&x2, self.training.load(Ordering::Relaxed))?;
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_features());
-        y + (z * self.scale)?.reshape(out_dims)?
+        y + z.reshape(out_dims)?
     }
 
     fn in_features(&self) -> usize {
@@ -240,7 +154,7 @@ impl Linear for LoraLinear {
     }
 
     fn trainable_vars(&self) -> Vec<Var> {
-        vec![self.a.clone(), self.b.clone()]
+        vec![self.lora.a.clone(), self.lora.b.clone()]
     }
 
     /// `dy · (W + scale · B A)` (the eval-mode map's derivative).
@@ -251,13 +165,11 @@ impl Linear for LoraLinear {
             candle_core::bail!("input_grad needs at least one dimension");
         };
         let rows: usize = lead.iter().product();
-        let z = dy
-            .detach()
-            .reshape((rows, out_dim))?
-            .matmul(&self.b.as_tensor().detach())?
-            .matmul(&self.a.as_tensor().detach())?;
+        let z = self
+            .lora
+            .input_grad(&dy.detach().reshape((rows, out_dim))?)?;
         let shape = dx.shape().clone();
-        dx + (z * self.scale)?.reshape(shape)?
+        dx + z.reshape(shape)?
     }
 
     fn set_training(&self, training: bool) {
@@ -309,24 +221,17 @@ impl LoraBuilder {
             seed,
             &self.device,
         )?;
-        let (a, b) = (init.a.clone(), init.b.clone());
         self.adapters.push(NamedAdapter {
             name,
             role,
             layer,
-            a: a.clone(),
-            b: b.clone(),
+            a: init.a.clone(),
+            b: init.b.clone(),
         });
         // The dropout streams get their own seed, apart from the initialisation draws.
-        let dropout_seed = SplitMix64(seed ^ 0x5DEE_CE66_D1CE_4E5B).next_u64();
-        Ok(Box::new(LoraLinear::new(
-            base,
-            a,
-            b,
-            &self.spec.lora,
-            dropout_seed,
-            self.clock.clone(),
-        )?))
+        let dropout_seed = SplitMix64::new(seed ^ 0x5DEE_CE66_D1CE_4E5B).next_u64();
+        let lora = init.with_dropout_clock(self.clock.clone(), dropout_seed);
+        Ok(Box::new(LoraLinear::new(base, lora)?))
     }
 }
 
@@ -480,27 +385,26 @@ mod tests {
     }
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut r = SplitMix64(seed);
-        (0..n).map(|_| 2.0 * r.next_f32() - 1.0).collect()
+        let mut r = SplitMix64::new(seed);
+        (0..n)
+            .map(|_| 2.0 * ((r.next_u64() >> 40) as f32 / (1u64 << 24) as f32) - 1.0)
+            .collect()
+    }
+
+    /// A rank-2 adapter (scale 2) with masks from `clock`'s stream for `seed`.
+    fn adapter(a: Var, b: Var, dropout: f32, seed: u64, clock: &DropoutClock) -> LoraAdapter {
+        LoraAdapter::from_vars(a, b, 2.0, dropout, 0)
+            .unwrap()
+            .with_dropout_clock(clock.clone(), seed)
     }
 
     fn layer(dropout: f32, clock: &DropoutClock) -> LoraLinear {
         let w = t(values(6 * 8, 1), &[6, 8]);
         let a = Var::from_tensor(&t(values(2 * 8, 2), &[2, 8])).unwrap();
         let b = Var::from_tensor(&t(values(6 * 2, 3), &[6, 2])).unwrap();
-        let cfg = LoraConfig {
-            rank: 2,
-            alpha: 4.0,
-            dropout,
-            rslora: false,
-        };
         LoraLinear::new(
             Box::new(DenseLinear::new(w).unwrap()),
-            a,
-            b,
-            &cfg,
-            9,
-            clock.clone(),
+            adapter(a, b, dropout, 9, clock),
         )
         .unwrap()
     }
@@ -513,7 +417,7 @@ mod tests {
         let y = l.forward(x.as_tensor())?;
         let w = l.base.forward(x.as_tensor())?;
         let x2 = x.as_tensor().reshape((3, 8))?;
-        let want = (w.reshape((3, 6))? + (x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * 2.0)?)?;
+        let want = (w.reshape((3, 6))? + (x2.matmul(&l.a().t()?)?.matmul(&l.b().t()?)? * 2.0)?)?;
         let d = (y.reshape((3, 6))? - &want)?
             .abs()?
             .max_all()?
@@ -536,7 +440,7 @@ mod tests {
         let x = Tensor::ones((40, 8), DType::F32, &Device::Cpu)?;
         let at = |tick: u64| -> candle_core::Result<Vec<f32>> {
             clock.set(tick);
-            l.dropout(&x)?.flatten_all()?.to_vec1::<f32>()
+            l.lora.dropout(&x)?.flatten_all()?.to_vec1::<f32>()
         };
         let m3 = at(3)?;
         assert!(m3.iter().all(|&v| v == 0.0 || v == 2.0));
@@ -547,19 +451,7 @@ mod tests {
         // Coming back to tick 3 (as a resumed run does) gives tick 3's mask again.
         assert_eq!(at(3)?, m3);
         // A second layer with another seed draws other masks at the same tick.
-        let other = LoraLinear::new(
-            Box::new(DenseLinear::new(t(values(48, 1), &[6, 8]))?),
-            l.a.clone(),
-            l.b.clone(),
-            &LoraConfig {
-                rank: 2,
-                alpha: 4.0,
-                dropout: 0.5,
-                rslora: false,
-            },
-            10,
-            clock.clone(),
-        )?;
+        let other = adapter(l.a().clone(), l.b().clone(), 0.5, 10, &clock);
         clock.set(3);
         assert_ne!(other.dropout(&x)?.flatten_all()?.to_vec1::<f32>()?, m3);
         // Eval mode: no dropout at all.

@@ -15,9 +15,9 @@
 
 use std::sync::Arc;
 
+use crate::linear::{Linear, LinearBuilder, LinearRole, LinearWeight, QuantizedWeight};
+use crate::qlora::{f32_rows, parallelism, FUSED_MAX_ROWS};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
-use rupantor_model::qlora::{f32_rows, parallelism, FUSED_MAX_ROWS};
-use rupantor_model::{Linear, LinearBuilder, LinearRole, LinearWeight, QuantizedWeight};
 use rupantor_quant::{q8_matvecs_f32, Q8Weight};
 
 /// Weight elements dequantized per tile on the `gemm` path.
@@ -267,8 +267,8 @@ impl LinearBuilder for InferenceBuilder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::linear::DenseBuilder;
     use candle_core::{Device, Var};
-    use rupantor_model::DenseBuilder;
 
     /// A `[rows, cols]` tensor of Q8_0-representable values (block maxima +-127).
     fn q8_values(rows: usize, cols: usize) -> Vec<f32> {
