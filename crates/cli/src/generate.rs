@@ -37,9 +37,9 @@ use rupantor_data::Problem;
 use rupantor_model::{Gemma, Tokenizer};
 use rupantor_pipeline::pool::read_pool;
 use rupantor_pipeline::{
-    check_job, generate_programs, generate_with_strategies, verify_programs, write_outputs,
-    write_predictions, write_verdicts, ExamplePool, GenSettings, Generated, Glossary, Strategies,
-    StrategyJob, StrategyRun, VerifySettings,
+    check_job, generate_with_strategies, verify_programs, write_outputs, write_predictions,
+    write_verdicts, ExamplePool, GenSettings, Generated, Glossary, Strategies, StrategyJob,
+    StrategyRun, VerifySettings,
 };
 use rupantor_train::adapter::AdapterConfig;
 use rupantor_train::fsutil::write_atomic;
@@ -370,12 +370,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         sandbox: &verify,
         examples: examples.as_ref(),
         glossary: glossary.as_ref(),
-        score_visible: true,
+        // A scored split also reports the pass rate on the asserts the prompt showed.
+        score_visible: scores(&args.split),
     };
-    if !strategies.is_plain() {
-        // Before the model load: a missing pool or an unusable sandbox fails fast.
-        check_job(&job)?;
-    }
+    // Before the model load: a missing pool or an unusable sandbox fails fast.
+    check_job(&job)?;
 
     let loaded = match &args.adapter {
         Some(dir) => load_adapted(&settings, dir)?,
@@ -397,17 +396,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         gen.describe(),
         strategies.describe()
     );
-    let (generated, strategy_run) = if strategies.is_plain() {
-        let g = generate_programs(loaded.gemma(), loaded.tokenizer(), &problems, &gen)?;
-        (g, None)
-    } else {
-        let r = generate_with_strategies(loaded.gemma(), loaded.tokenizer(), &job)?;
-        (r.generated(), Some(r))
-    };
+    // With every strategy off this is plain `generate_programs`.
+    let run = generate_with_strategies(loaded.gemma(), loaded.tokenizer(), &job)?;
+    let generated = run.generated();
     write_all(&plan, &generated)?;
     report(&generated);
-    if let Some(r) = &strategy_run {
-        report_strategies(r, &plan.strategies)?;
+    if !strategies.is_plain() || job.score_visible {
+        report_strategies(&run, &plan.strategies)?;
     }
     if scores(&args.split) {
         score(&problems, &generated, &verify, &plan.verdicts)?;
