@@ -3,15 +3,13 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use rupantor_exec::{
-    extract_code, pair_predictions, protections, read_predictions, run_many, SandboxConfig, Score,
-    Verdict, VerdictClass,
+    extract_code, pair_predictions, protections, read_predictions, Score, Verdict, VerdictClass,
 };
+use rupantor_pipeline::{verify_programs, VerifySettings};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -54,41 +52,25 @@ pub fn run(args: EvalArgs) -> Result<()> {
         );
     }
 
-    let limit = Duration::from_secs_f64(args.timeout.max(0.1));
-    let cfg = SandboxConfig {
-        wall_time: limit,
-        cpu_time: limit,
-        ..SandboxConfig::default()
+    let settings = VerifySettings {
+        timeout_s: args.timeout.max(0.1),
+        workers: args.jobs.unwrap_or(0),
+        ..VerifySettings::default()
     };
-    let prot = protections(&cfg);
-    if !prot.usable {
-        anyhow::bail!(
-            "the sandbox cannot run here: {}",
-            prot.why_not.unwrap_or_default()
-        );
-    }
-    let workers = args
-        .jobs
-        .unwrap_or_else(rupantor_exec::default_workers)
-        .max(1);
+    settings.ensure_usable()?;
+    let prot = protections(&settings.sandbox());
+    let workers = settings.workers();
     let mut job_ids = Vec::new();
-    let mut jobs = Vec::new();
+    let mut job_problems = Vec::new();
+    let mut programs = Vec::new();
     for ((id, response), problem) in paired.iter().zip(&problems) {
         if let Some(response) = response {
             job_ids.push(*id);
-            jobs.push((extract_code(response), problem.test_list.clone()));
+            job_problems.push(problem.clone());
+            programs.push(extract_code(response));
         }
     }
-
-    let bar = ProgressBar::new(jobs.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix("eval");
-    let verdicts = run_many(&cfg, &jobs, workers, |done| bar.set_position(done as u64));
-    bar.finish_and_clear();
+    let verdicts = verify_programs(&job_problems, &programs, &settings, true)?.verdicts;
 
     let by_id: std::collections::HashMap<u64, &Verdict> =
         job_ids.iter().copied().zip(&verdicts).collect();
