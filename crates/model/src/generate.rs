@@ -96,6 +96,8 @@ pub enum StopReason {
     StopToken(u32),
     /// It reached `max_new_tokens`.
     MaxTokens,
+    /// The caller's stop check ([`generate_until`]) ended it after its last token.
+    Stopped,
 }
 
 /// One prompt's output.
@@ -154,7 +156,21 @@ pub fn generate(
     model: &Gemma,
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
+    progress: impl FnMut(GenStats),
+) -> Result<Vec<Generation>> {
+    generate_until(model, prompts, cfg, progress, |_, _| false)
+}
+
+/// [`generate`], and a row also ends when `stop(prompt index, its tokens so far)` returns
+/// true after a token was appended (its tokens are kept; [`StopReason::Stopped`]). What a stop
+/// id or `max_new_tokens` cannot express — a program that starts over — ends here without
+/// costing the rest of the token budget.
+pub fn generate_until(
+    model: &Gemma,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
     mut progress: impl FnMut(GenStats),
+    mut stop: impl FnMut(usize, &[u32]) -> bool,
 ) -> Result<Vec<Generation>> {
     cfg.validate()?;
     let vocab = model.config().vocab_size;
@@ -243,6 +259,10 @@ pub fn generate(
             out[r].tokens.push(t);
             if out[r].tokens.len() == cfg.max_new_tokens {
                 out[r].stop_reason = StopReason::MaxTokens;
+                continue;
+            }
+            if stop(r, &out[r].tokens) {
+                out[r].stop_reason = StopReason::Stopped;
                 continue;
             }
             next.push(t);

@@ -18,7 +18,7 @@ pub use config::{
     Arch, ConfigError, GemmaConfig, LayerConfig, ModelConfig, Quantization, QuantizationConfig,
 };
 pub use gemma::{Gemma, KvCache, LayerWeights};
-pub use generate::{generate, GenStats, GenerateConfig, Generation, StopReason};
+pub use generate::{generate, generate_until, GenStats, GenerateConfig, Generation, StopReason};
 pub use gguf::{GgmlType, GgufError, GgufFile, GgufGemma, GgufTensorInfo, GgufValue};
 pub use linear::{
     DenseBuilder, DenseLinear, FrozenMatmulGrad, Linear, LinearBuilder, LinearRole, LinearWeight,

@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use rupantor_model::{generate, Gemma, GenStats, GenerateConfig, Generation, StopReason};
+use rupantor_model::{
+    generate, generate_until, Gemma, GenStats, GenerateConfig, Generation, StopReason,
+};
 
 const STEPS: usize = 20;
 
@@ -255,6 +257,28 @@ fn stop_ids_end_rows_and_are_reported() {
         // Rows leave the batch as they finish.
         assert!(calls.windows(2).all(|w| w[1].active <= w[0].active));
         assert!(last.prefill_tokens_per_sec() > 0.0 && last.decode_tokens_per_sec() > 0.0);
+    }
+}
+
+#[test]
+fn a_stop_check_ends_its_row_after_the_token_it_saw() {
+    let m = model("gemma2");
+    let ps = prompts("gemma2");
+    let cfg = GenerateConfig::greedy(12, vec![]);
+    let full = run(&m, &ps, &cfg);
+    // Row 0 stops once it holds 3 tokens; the others run on, unchanged.
+    let got = generate_until(
+        &m,
+        &ps,
+        &cfg,
+        |_| {},
+        |row, toks| row == 0 && toks.len() == 3,
+    )
+    .unwrap();
+    assert_eq!(got[0].tokens, full[0].tokens[..3]);
+    assert_eq!(got[0].stop_reason, StopReason::Stopped);
+    for (g, f) in got.iter().zip(&full).skip(1) {
+        assert_eq!(g, f);
     }
 }
 

@@ -25,7 +25,7 @@ use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rupantor_data::Problem;
 use rupantor_exec::extract_code;
-use rupantor_model::{generate, Gemma, GenStats, GenerateConfig, StopReason, Tokenizer};
+use rupantor_model::{generate_until, Gemma, GenStats, GenerateConfig, StopReason, Tokenizer};
 use rupantor_train::fsutil::write_atomic;
 use serde::{Deserialize, Serialize};
 
@@ -138,6 +138,55 @@ pub struct GenOutput {
     /// Sampled tokens, the stop id not counted.
     pub tokens: usize,
     pub stop: StopReason,
+}
+
+impl GenOutput {
+    /// The output of problem `id` from the model's text: its program is [`program_of`].
+    pub fn from_text(id: u64, t: TextOutput) -> GenOutput {
+        GenOutput {
+            id,
+            response: program_of(&t.text),
+            raw: t.text,
+            tokens: t.tokens,
+            stop: t.stop,
+        }
+    }
+}
+
+/// Byte offset of the line where `text` starts its program over: a top-level `def NAME` or
+/// `class NAME` of a name already defined at top level. Small models that miss their
+/// `<end_of_turn>` write the solution again and again (and Python would keep the *last*,
+/// usually cut-off, copy).
+pub fn program_restart(text: &str) -> Option<usize> {
+    let mut seen = HashSet::new();
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let start = at;
+        at += line.len();
+        let rest = line
+            .strip_prefix("async def ")
+            .or_else(|| line.strip_prefix("def "))
+            .or_else(|| line.strip_prefix("class "));
+        let Some(rest) = rest else { continue };
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() && !seen.insert(name) {
+            return Some(start);
+        }
+    }
+    None
+}
+
+/// The program in a model's text: `extract_code`, cut where it starts over
+/// ([`program_restart`]).
+pub fn program_of(text: &str) -> String {
+    let code = extract_code(text);
+    match program_restart(&code) {
+        Some(at) => code[..at].trim_end().to_string(),
+        None => code,
+    }
 }
 
 /// What [`generate_programs`] produced.
@@ -271,13 +320,7 @@ pub fn generate_programs(
     let outputs: Vec<GenOutput> = problems
         .iter()
         .zip(texts.outputs)
-        .map(|(p, t)| GenOutput {
-            id: p.id,
-            response: extract_code(&t.text),
-            raw: t.text,
-            tokens: t.tokens,
-            stop: t.stop,
-        })
+        .map(|(p, t)| GenOutput::from_text(p.id, t))
         .collect();
     Ok(Generated {
         outputs,
@@ -338,7 +381,7 @@ pub fn generate_texts(
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     for group in length_batches(&lens, s.batch) {
         let batch: Vec<Vec<u32>> = group.iter().map(|&i| prompts[i].clone()).collect();
-        let gens = generate(model, &batch, &gen_cfg, |st: GenStats| {
+        let progress = |st: GenStats| {
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
             bar.set_message(format!(
                 "{:.1} tok/s (batch {:.1} tok/s decode, {} rows live)",
@@ -346,10 +389,18 @@ pub fn generate_texts(
                 st.decode_tokens_per_sec(),
                 st.active
             ));
-        })
-        .context("generation failed")?;
+        };
+        // A row whose program starts over is done: the rest of its budget would only repeat.
+        let restarted = |_: usize, ids: &[u32]| {
+            ids.last()
+                .is_some_and(|&t| tok.decode(&[t], false).contains('\n'))
+                && program_restart(&tok.decode(ids, true)).is_some()
+        };
+        let gens = generate_until(model, &batch, &gen_cfg, progress, restarted)
+            .context("generation failed")?;
         for (&i, g) in group.iter().zip(gens) {
-            tokens += g.tokens.len() + usize::from(g.stop_reason != StopReason::MaxTokens);
+            let stop_token = matches!(g.stop_reason, StopReason::StopToken(_));
+            tokens += g.tokens.len() + usize::from(stop_token);
             outs[i] = Some(TextOutput {
                 text: tok.decode(&g.tokens, true),
                 tokens: g.tokens.len(),
@@ -460,6 +511,23 @@ pub fn write_outputs(path: &Path, outputs: &[GenOutput]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_program_that_starts_over_is_cut_where_it_does() {
+        let once = "def f(x):\n    return x + 1";
+        let again = format!("{once}\ndef f(x):\n    return x +");
+        assert_eq!(program_restart(once), None);
+        assert_eq!(program_restart(&again), Some(once.len() + 1));
+        assert_eq!(program_of(&again), once);
+        // Helpers, nested and methods of the same name are not a restart.
+        let helpers = "def g(y):\n    def f(z):\n        return z\n    return f(y)\n\
+                       class A:\n    def f(self):\n        return 1\ndef f(x):\n    return g(x)";
+        assert_eq!(program_restart(helpers), None);
+        assert_eq!(program_of(helpers), helpers);
+        // Inside a fence, and classes too.
+        let fenced = "```python\nclass P:\n    pass\n\nclass P:\n    x = 1\n```";
+        assert_eq!(program_of(fenced), "class P:\n    pass");
+    }
     use rupantor_exec::read_predictions;
 
     fn out(id: u64, response: &str, raw: &str) -> GenOutput {

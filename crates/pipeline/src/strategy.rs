@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
 use rupantor_data::Problem;
-use rupantor_exec::{extract_code, Score, Verdict};
+use rupantor_exec::{Score, Verdict};
 use rupantor_model::{Gemma, StopReason, Tokenizer};
 use rupantor_train::LoraModel;
 use serde::{Deserialize, Serialize};
@@ -461,16 +461,6 @@ impl StrategyRun {
     }
 }
 
-fn output(id: u64, t: crate::generate::TextOutput) -> GenOutput {
-    GenOutput {
-        id,
-        response: extract_code(&t.text),
-        raw: t.text,
-        tokens: t.tokens,
-        stop: t.stop,
-    }
-}
-
 fn stage(
     gen: &mut dyn TextGenerator,
     which: GenStage,
@@ -633,7 +623,7 @@ pub fn run_strategies(gen: &mut dyn TextGenerator, job: &StrategyJob<'_>) -> Res
         .zip(examples)
         .zip(translations)
         .map(|(((p, o), examples), translation)| StrategyItem {
-            output: output(p.id, o),
+            output: GenOutput::from_text(p.id, o),
             produced_by: Produced::Main,
             repair_rounds: 0,
             visible: None,
@@ -697,7 +687,7 @@ pub fn run_strategies(gen: &mut dyn TextGenerator, job: &StrategyJob<'_>) -> Res
         let new: Vec<GenOutput> = idx
             .iter()
             .zip(out.outputs)
-            .map(|(&i, o)| output(problems[i].id, o))
+            .map(|(&i, o)| GenOutput::from_text(problems[i].id, o))
             .collect();
         let programs: Vec<String> = new.iter().map(|o| o.response.clone()).collect();
         let verdicts = run_visible(job, &idx, &programs, &mut stats)?;
@@ -740,7 +730,7 @@ pub fn run_strategies(gen: &mut dyn TextGenerator, job: &StrategyJob<'_>) -> Res
         let out = stage(gen, GenStage::Review, &prompts, s, &mut stats.review)?;
         let (mut changed, mut rewrites) = (Vec::new(), Vec::new());
         for (&i, o) in idx.iter().zip(out.outputs) {
-            let o = output(problems[i].id, o);
+            let o = GenOutput::from_text(problems[i].id, o);
             if normalize_program(&o.response) == normalize_program(&items[i].output.response) {
                 items[i].review = Some(ReviewOutcome::Unchanged);
                 stats.review_unchanged += 1;

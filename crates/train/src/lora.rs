@@ -25,7 +25,8 @@ use rupantor_model::linear::{DenseLinear, Linear, LinearBuilder, LinearRole, Lin
 use rupantor_model::qlora::layer_seed;
 pub use rupantor_model::DropoutClock;
 use rupantor_model::{
-    load_model, Gemma, LoraAdapter, LoraConfig, NamedAdapter, QLoraLinear, QuantizedWeight,
+    load_model, Gemma, InferenceBuilder, LoraAdapter, LoraConfig, NamedAdapter, QLoraLinear,
+    QuantizedWeight,
 };
 use rupantor_quant::Nf4Tensor;
 use serde::{Deserialize, Serialize};
@@ -325,8 +326,10 @@ impl LoraModel {
 
     /// Loads `model_path` with its base weights held as `base` (NF4 for a QLoRA adapter) and
     /// the PEFT adapter in `adapter_dir` applied (its rank, alpha, rsLoRA and targets from
-    /// `adapter_config.json`): what `generate --adapter` runs. Dropout is kept for further
-    /// training; callers that generate switch training off.
+    /// `adapter_config.json`): what `generate --adapter` runs. A frozen lm_head whose values
+    /// are exact 8-bit blocks (the 270M GGUF's tied Q8_0 embedding) is held in that form on
+    /// the CPU, as the inference loader does: the same values, a quarter of the bytes read per
+    /// decoded token. Callers that generate switch training off.
     pub fn load_with_adapter(
         model_path: &Path,
         adapter_dir: &Path,
@@ -340,7 +343,11 @@ impl LoraModel {
             seed: 0,
             base,
         };
-        let m = Self::load(model_path, device, spec)?;
+        let m = Self::build(spec, device, |b| {
+            let mut head = InferenceBuilder::new(b, device.is_cpu());
+            load_model(model_path, device, &mut head)
+                .with_context(|| format!("load {}", model_path.display()))
+        })?;
         crate::adapter::load_adapter_weights(adapter_dir, m.adapters())?;
         Ok(m)
     }
