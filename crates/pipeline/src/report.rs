@@ -70,7 +70,11 @@ pub fn render_report(
             "| {}{} | {} ({} + {}) | {} | {} | {:.4} ({}/{}) | +{} of {} passing → {} | {:.1} | \
              {:.1} | {:.1} | {:.1} | {:.1} |",
             r.iteration,
-            if r.reused { "*" } else { "" },
+            match (r.reused, r.carried_from) {
+                (true, _) => "*",
+                (false, Some(_)) => "=",
+                (false, None) => "",
+            },
             r.pool_size,
             r.pool_trial,
             r.pool_dev,
@@ -160,6 +164,17 @@ pub fn render_report(
             );
         }
     }
+    for r in iterations {
+        if let Some(from) = r.carried_from {
+            let _ = writeln!(
+                s,
+                "- Iteration {} (=) carries iteration {from}'s results: nothing was folded in \
+                 between, so its pool, and with deterministic training and generation its \
+                 adapter and programs, would have been the same.",
+                r.iteration
+            );
+        }
+    }
     if iterations.iter().any(|r| r.reused) {
         let _ = writeln!(
             s,
@@ -238,6 +253,7 @@ mod tests {
                 total_s: 16.76,
             },
             reused,
+            carried_from: None,
         }
     }
 

@@ -39,6 +39,7 @@ use rupantor_data::{load_split, Problem};
 use rupantor_exec::{Score, VerdictClass};
 use rupantor_model::Tokenizer;
 use rupantor_train::fsutil::write_atomic;
+use rupantor_train::trainer::{LOSS_PLOT_FILE, METRICS_FILE};
 use rupantor_train::{
     train_with_hooks, LoraModel, LoraSpec, TrainConfig, TrainHooks, TrainReport,
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
@@ -354,6 +355,11 @@ pub struct IterationReport {
     /// Finished by an earlier run and taken from its `summary.json` (not stored).
     #[serde(skip)]
     pub reused: bool,
+    /// The earlier iteration whose results this one carries: nothing was folded after it, so
+    /// this iteration's inputs were the same and it would have trained and generated the
+    /// same bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried_from: Option<usize>,
 }
 
 /// What a loop run did.
@@ -581,6 +587,26 @@ pub fn run_loop(
             reports.push(r);
             continue;
         }
+        // The default generators are functions of the model, the problems and the settings,
+        // and training is deterministic: after an iteration that folded nothing, the next
+        // one would repeat it byte for byte.
+        let stalled = reports
+            .last()
+            .filter(|r| custom_generator.is_none() && r.fold.added.is_empty());
+        if let Some(prev) = stalled {
+            let r = carry_over(prev, k, &dir, &digest, &pool)?;
+            eprintln!(
+                "loop [iter {k}/{}] iteration {} folded nothing, so this one has its inputs: \
+                 its results are carried over ({})",
+                cfg.iterations,
+                prev.iteration,
+                dir.display()
+            );
+            reports.push(r);
+            let text = render_report(cfg, paths, &base, &reports, pool.entries(), None);
+            write_atomic(&out.join(REPORT_FILE), text.as_bytes())?;
+            continue;
+        }
         let mut default_generator = default_generator(cfg, &pool);
         let generator = match custom_generator.as_mut() {
             Some(g) => g.as_mut(),
@@ -636,6 +662,49 @@ pub fn run_loop(
         report,
         wall_s,
     })
+}
+
+/// Iteration `k` as a copy of `prev` (see `run_loop`): its adapter, metrics, plot,
+/// predictions and verdicts, an empty fold, then `summary.json` and `DONE`.
+fn carry_over(
+    prev: &IterationReport,
+    k: usize,
+    dir: &Path,
+    digest: &str,
+    pool: &Pool,
+) -> Result<IterationReport> {
+    let from = iter_dir(dir.parent().unwrap_or(Path::new(".")), prev.iteration);
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let marker = Marker {
+        iteration: k,
+        digest: digest.to_string(),
+    };
+    write_json(&dir.join(INPUTS_FILE), &marker)?;
+    write_pool(&dir.join(POOL_FILE), pool.entries())?;
+    for name in [
+        ADAPTER_WEIGHTS_FILE,
+        ADAPTER_CONFIG_FILE,
+        METRICS_FILE,
+        LOSS_PLOT_FILE,
+        PREDICTIONS_FILE,
+        VERDICTS_FILE,
+    ] {
+        let src = from.join(name);
+        let bytes = std::fs::read(&src).with_context(|| format!("read {}", src.display()))?;
+        write_atomic(&dir.join(name), &bytes)?;
+    }
+    write_pool(&dir.join(FOLDED_FILE), &[])?;
+    let report = IterationReport {
+        iteration: k,
+        digest: digest.to_string(),
+        times: StageTimes::default(),
+        reused: false,
+        carried_from: Some(prev.carried_from.unwrap_or(prev.iteration)),
+        ..prev.clone()
+    };
+    write_json(&dir.join(SUMMARY_FILE), &report)?;
+    write_json(&dir.join(DONE_FILE), &marker)?;
+    Ok(report)
 }
 
 /// Plain generation, or the configured strategies with few-shot examples from `pool`.
@@ -882,6 +951,7 @@ fn run_iteration(
         },
         times,
         reused: false,
+        carried_from: None,
     };
     write_json(&dir.join(SUMMARY_FILE), &report)?;
     write_json(
