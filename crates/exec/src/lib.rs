@@ -11,12 +11,17 @@
 //!   `PATH`, `LANG=C.UTF-8`, `PYTHONDONTWRITEBYTECODE=1`, `PYTHONHASHSEED=0`, `HOME` and
 //!   `TMPDIR` (both the private directory).
 //! * Where user namespaces are allowed (checked once per process), each worker lives in
-//!   new user, mount, network and pid namespaces: no network (only a down loopback),
-//!   every mount read-only and nosuid but the worker's own tmpfs on /tmp and /dev/shm
-//!   (emptied after every program), a /proc that shows only the sandbox, no
+//!   new user, mount, network, IPC and pid namespaces: no network (only a down
+//!   loopback), every mount read-only and nosuid but the worker's own tmpfs on /tmp and
+//!   /dev/shm (emptied after every program), SysV IPC of its own (a worker whose program
+//!   left an object there is replaced), a /proc that shows only the sandbox, no
 //!   capabilities, and as root outside an unprivileged uid (nobody outside). When the
 //!   worker's init dies the kernel kills all that is left in its pid namespace; between
 //!   programs the runner kills every process the last one left.
+//! * Nothing a program changes reaches the next one: a worker whose program signalled
+//!   its runner or changed the runner's limits, priority or CPU set (it runs as the
+//!   runner's uid), or left files the runner cannot remove, is replaced, and the jobs
+//!   queued behind it go to a fresh one.
 //! * Without namespaces it falls back, with one warning per process, to process groups:
 //!   the group is SIGKILLed at the end and the runner, a child subreaper, sweeps every
 //!   orphan the program left (double forks and `setsid` included); as root the program
@@ -32,6 +37,7 @@
 //!   program written to hunt down both descriptors and forge the hand-over is not
 //!   stopped; no in-process check can be proof against the code it runs.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -153,7 +159,7 @@ pub fn module_source(program: &str, asserts: &[String]) -> String {
 
 static NS_PROBE: OnceLock<Result<(), String>> = OnceLock::new();
 
-/// Whether this process may create the user, mount, network and pid namespaces the
+/// Whether this process may create the user, mount, network, IPC and pid namespaces the
 /// sandbox uses (probed once, by starting `python -c ''` inside them).
 pub fn namespace_support(python: &Path) -> Result<(), String> {
     NS_PROBE.get_or_init(|| probe_namespaces(python)).clone()
@@ -220,7 +226,7 @@ fn resolve_isolation(cfg: &SandboxConfig) -> Result<bool, String> {
 pub struct Protections {
     /// Programs can run at all (false: every run fails with `why_not`).
     pub usable: bool,
-    /// New user, mount, network and pid namespaces per worker.
+    /// New user, mount, network, IPC and pid namespaces per worker.
     pub namespaces: bool,
     /// Why not, when not.
     pub why_not: Option<String>,
@@ -320,39 +326,99 @@ pub fn run_many(
     let next = AtomicUsize::new(0);
     let finished = AtomicUsize::new(0);
     let results: Vec<Mutex<Option<Verdict>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
+    let record = |i: usize, v: Verdict| {
+        *results[i].lock().expect("result slot") = Some(v);
+        progress(finished.fetch_add(1, Ordering::Relaxed) + 1);
+    };
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| {
                 let mut worker: Option<Worker> = None;
+                // jobs sent to `worker`, oldest first, and jobs to (re)send before new ones
+                let mut in_flight: VecDeque<usize> = VecDeque::new();
+                let mut again: VecDeque<usize> = VecDeque::new();
+                let mut tries: Vec<(usize, u32)> = Vec::new();
                 loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= jobs.len() {
-                        break;
-                    }
-                    let (program, asserts) = &jobs[i];
-                    let start = Instant::now();
-                    if worker.is_none() {
-                        match Worker::spawn(cfg, ns) {
-                            Ok(w) => worker = Some(w),
-                            Err(e) => {
-                                let v = failed(
-                                    format!("cannot start {}: {e}", cfg.python.display()),
-                                    start.elapsed(),
-                                );
-                                *results[i].lock().expect("result slot") = Some(v);
-                                progress(finished.fetch_add(1, Ordering::Relaxed) + 1);
-                                continue;
+                    // keep the worker busy: the next job waits in its queue while one runs,
+                    // so it never waits for us between programs
+                    while in_flight.len() < 2 {
+                        let i = match again.pop_front() {
+                            Some(i) => i,
+                            None => {
+                                let i = next.fetch_add(1, Ordering::Relaxed);
+                                if i >= jobs.len() {
+                                    break;
+                                }
+                                i
+                            }
+                        };
+                        let (program, asserts) = &jobs[i];
+                        if worker.is_none() {
+                            let start = Instant::now();
+                            match Worker::spawn(cfg, ns) {
+                                Ok(w) => worker = Some(w),
+                                Err(e) => {
+                                    record(
+                                        i,
+                                        failed(
+                                            format!("cannot start {}: {e}", cfg.python.display()),
+                                            start.elapsed(),
+                                        ),
+                                    );
+                                    continue;
+                                }
                             }
                         }
+                        let w = worker.as_mut().expect("worker started above");
+                        debug_assert_eq!(w.namespaced(), ns);
+                        debug_assert_eq!(w.in_flight(), in_flight.len());
+                        let src = module_source(program, asserts);
+                        if !w.can_take(src.len()) {
+                            again.push_front(i);
+                            break;
+                        }
+                        if let Err(e) = w.submit(cfg, &src) {
+                            // the runner is gone: what was sent comes back unstarted
+                            if in_flight.is_empty() {
+                                worker = None;
+                                if retry(&mut tries, i) {
+                                    again.push_front(i);
+                                } else {
+                                    record(
+                                        i,
+                                        failed(
+                                            format!("sandbox worker failed: {e}"),
+                                            Duration::ZERO,
+                                        ),
+                                    );
+                                }
+                            } else {
+                                again.push_front(i);
+                            }
+                            break;
+                        }
+                        in_flight.push_back(i);
                     }
-                    let w = worker.as_mut().expect("worker started above");
-                    debug_assert_eq!(w.namespaced(), ns);
-                    let outcome = w.run(cfg, &module_source(program, asserts));
+                    let Some(i) = in_flight.pop_front() else {
+                        if again.is_empty() {
+                            break;
+                        }
+                        continue;
+                    };
+                    let w = worker.as_mut().expect("jobs in flight have a worker");
+                    let outcome = w.finish(cfg);
                     if !outcome.worker_ok {
+                        // the jobs queued behind this one never started
                         worker = None;
+                        while let Some(j) = in_flight.pop_back() {
+                            again.push_front(j);
+                        }
                     }
-                    *results[i].lock().expect("result slot") = Some(outcome.verdict);
-                    progress(finished.fetch_add(1, Ordering::Relaxed) + 1);
+                    if outcome.not_started && retry(&mut tries, i) {
+                        again.push_front(i);
+                        continue;
+                    }
+                    record(i, outcome.verdict);
                 }
             });
         }
@@ -361,6 +427,21 @@ pub fn run_many(
         .into_iter()
         .map(|m| m.into_inner().expect("result slot").expect("every job ran"))
         .collect()
+}
+
+/// Whether job `i`, which never started because its worker went away, may be sent
+/// again (a few times; a worker that dies before every job is not to be waited on).
+fn retry(tries: &mut Vec<(usize, u32)>, i: usize) -> bool {
+    match tries.iter_mut().find(|(j, _)| *j == i) {
+        Some((_, n)) => {
+            *n += 1;
+            *n <= 3
+        }
+        None => {
+            tries.push((i, 1));
+            true
+        }
+    }
 }
 
 /// Default worker count: the cores this process may use.

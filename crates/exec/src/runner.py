@@ -9,35 +9,84 @@
 # four the job brought. The zygote never runs untrusted code, so every program starts
 # from the same clean state; when a job ends, everything it left behind is killed (and
 # its files removed) before the next one starts. The zygote is not dumpable, so a
-# program cannot trace it or reach its descriptors through /proc.
+# program cannot trace it or reach its descriptors through /proc; it blocks every signal
+# it can, and it retires (exits after reporting the job) when a program signalled it or
+# changed its limits, priority or CPU set, so no program can reach the next one
+# through it.
 #
-# Protocol (control socket, SOCK_STREAM):
-#   rust -> zygote: u32 LE length + JSON job, with 4 descriptors attached to the first
-#                   byte (SCM_RIGHTS): stdout write end, stderr write end, key read end,
-#                   result write end.
-#   zygote -> rust: JSON lines: {"ev": "ready", ...}, {"ev": "started", "pid": N},
-#                   {"ev": "done", "status": wait-status, "timeout": bool, "cpu": s}
+# Protocol (control socket, SOCK_STREAM, little endian). Limits are fixed per worker
+# (command line).
+#   rust -> zygote: JOB header (srclen, keyfd, resfd) with 4 descriptors attached to its
+#                   first byte (SCM_RIGHTS): stdout write end, stderr write end, key read
+#                   end, result write end; then srclen bytes of UTF-8 source. Jobs may be
+#                   queued: they run in order, one at a time.
+#   zygote -> rust: EVENT records (kind, a, b, c, x, y): READY (pid, uid) once;
+#                   STARTED (the job's process group; 0 with namespaces, where it is sent
+#                   just before the fork) and DONE (wait status, timed out, retiring,
+#                   cpu s, wall s) for each job, DONE once everything of the job is gone.
 #
 # Pass rule: after the last assert ran, the harness reads the per-run key from the key
 # descriptor (the parent wrote it there and closed its end) and writes it to the result
 # descriptor, then exits 0 at once. The key is never in the program's source, globals or
 # memory before its asserts have run; both descriptor numbers are random per run.
+#
+# Speed: a fork and the child's exit cost in proportion to the zygote's mappings (about
+# 1 us per mapping, 0.1 us per page each way), and every page the child (or the zygote,
+# after the fork) writes costs a fault, about 3 us on a VM. So the zygote is small: it
+# starts with -S (site's .pth hooks can import dozens of modules; the site-packages
+# paths and the exit/quit/help builtins are set up by hand below) and avoids shutil
+# (zlib, bz2, lzma); the child is forked with libc's fork() rather than os.fork(),
+# whose at-fork hooks (threading, random) run Python code in the child and write a
+# hundred pages; fork() copies the page tables of the code (see _share_text_mappings);
+# and the per-job work is small (binary protocol, no /proc scan unless something
+# outlived the job). The child does as little as it can: what can be prepared (the
+# decoded source, its lines for tracebacks) is prepared before the fork.
 
+import _signal
 import builtins
 import ctypes
 import gc
-import json
 import linecache
 import os
 import resource
-import select
-import shutil
 import signal
+import site
 import socket
 import struct
 import sys
 import time
 import traceback
+
+
+def _site():
+    """What `site` does for `python3 -s file.py`, less running .pth import lines."""
+    site.setquit()
+    site.setcopyright()
+    site.sethelper()
+    for sitedir in site.getsitepackages():
+        if not os.path.isdir(sitedir) or sitedir in sys.path:
+            continue
+        sys.path.append(sitedir)
+        try:
+            names = sorted(n for n in os.listdir(sitedir) if n.endswith(".pth"))
+        except OSError:
+            continue
+        for name in names:
+            try:
+                with open(os.path.join(sitedir, name), encoding="utf-8", errors="replace") as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                line = line.rstrip()
+                if not line or line.startswith(("#", "import ", "import\t")):
+                    continue
+                path = os.path.abspath(os.path.join(sitedir, line))
+                if path not in sys.path and os.path.exists(path):
+                    sys.path.append(path)
+
+
+_site()
 
 # Modules most programs import: importing them once here is what an in-process scorer
 # gets for free, and every forked child shares their pages.
@@ -51,6 +100,13 @@ for _m in (
     except Exception:
         pass
 del _m
+random = sys.modules.get("random")
+_RANDOM_SEED = type(random._inst).__mro__[1].seed if random is not None else None
+
+JOB = struct.Struct("<IHH")
+EVENT = struct.Struct("<iiiidd")
+READY, STARTED, DONE = 1, 2, 3
+_STARTED = EVENT.pack(STARTED, 0, 0, 0, 0.0, 0.0)
 
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
 
@@ -63,32 +119,105 @@ def _prctl(op, a=0, b=0, c=0, d=0):
     return _libc.prctl(op, a, b, c, d)
 
 
-def _send(ctl, obj):
-    ctl.sendall(json.dumps(obj).encode() + b"\n")
+def _make_fork():
+    """libc's fork() called with the GIL held (PyDLL): no Python at-fork hooks. Safe
+    here because the zygote has one thread; `random`, which os.fork() would reseed in
+    the child, is reseeded by the zygote before every fork (see _run)."""
+    try:
+        fork = ctypes.PyDLL(None, use_errno=True).fork
+    except (AttributeError, OSError):
+        return os.fork
+    fork.restype = ctypes.c_int
+    fork.argtypes = []
+
+    def raw_fork():
+        pid = fork()
+        if pid < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return pid
+
+    return raw_fork
+
+
+_fork = _make_fork()
+
+
+def _share_text_mappings():
+    """Makes fork() copy the page tables of the code we run instead of leaving every
+    child to fault its code pages in again (some 50 faults a program). The kernel copies
+    a file mapping's page tables at fork only once the mapping has anonymous pages, so
+    each executable file mapping gets one: made writable for a moment, one byte written
+    back unchanged (a private copy of that page), protection restored. Best effort:
+    where the system refuses writable code (W^X policies) nothing changes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    mprotect = libc.mprotect
+    mprotect.restype = ctypes.c_int
+    mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return
+    rx = 0x1 | 0x4  # PROT_READ | PROT_EXEC
+    for line in maps:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "r-xp" or not fields[5].startswith("/"):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if mprotect(start, end - start, rx | 0x2) != 0:
+            continue
+        byte = ctypes.c_char.from_address(start)
+        byte.value = byte.value
+        if mprotect(start, end - start, rx) != 0:
+            raise OSError(ctypes.get_errno(), "cannot restore the protection of " + fields[5])
+
+
+_share_text_mappings()
+_SIGCHLD = {signal.SIGCHLD}
+_RLIMITS = tuple(getattr(resource, n) for n in sorted(dir(resource)) if n.startswith("RLIMIT_"))
 
 
 def _recv_exact(ctl, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = ctl.recv(n - len(buf))
-        if not chunk:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = ctl.recv_into(view[got:])
+        if not k:
             raise EOFError
-        buf += chunk
-    return buf
+        got += k
+    return bytes(buf)
 
 
 def _recv_job(ctl):
     fds = []
     head = b""
-    while len(head) < 4:
-        data, got, _flags, _addr = socket.recv_fds(ctl, 4 - len(head), 4)
+    while len(head) < JOB.size:
+        data, got, _flags, _addr = socket.recv_fds(ctl, JOB.size - len(head), 4)
         fds.extend(got)
         if not data:
             raise EOFError
         head += data
-    (length,) = struct.unpack("<I", head)
-    job = json.loads(_recv_exact(ctl, length))
-    return job, fds
+    srclen, keyfd, resfd = JOB.unpack(head)
+    src = _recv_exact(ctl, srclen) if srclen else b""
+    if len(fds) != 4:
+        raise EOFError("a job must bring exactly 4 descriptors")
+    return keyfd, resfd, src, fds
+
+
+def _children_left():
+    """Whether any process but the zygote is left. Every process a job can start is a
+    descendant of its child, and the zygote is a child subreaper: a process whose parent
+    dies is reparented to us at once. So once the child is reaped, no child of ours
+    (alive or a zombie, reaped here) means nothing of the job is left."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
 
 
 def _proc_children(me, everyone):
@@ -126,6 +255,7 @@ def _reap():
 
 
 def _sweep(pgid, everyone):
+    """Kills everything the job left (only when `_children_left` says there is some)."""
     me = os.getpid()
     for attempt in range(2000):
         try:
@@ -156,50 +286,89 @@ def _sweep(pgid, everyone):
         time.sleep(0.0005 if attempt < 100 else 0.005)
 
 
-def _empty(path):
-    """Removes everything in `path` (a private tmpfs; no job process is left)."""
-    try:
-        entries = os.listdir(path)
-    except OSError:
-        return
-    for name in entries:
-        full = os.path.join(path, name)
+def _clear(top, keep_top):
+    """Deletes everything under `top` (and `top` itself unless `keep_top`), never
+    following symlinks, opening up directories the program made unwritable; nothing of
+    the job runs any more, so nothing races us. False when something could not go."""
+    ok = True
+    stack = [(top, False)]
+    while stack:
+        path, emptied = stack.pop()
+        if emptied:
+            if path != top or not keep_top:
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    ok = False
+            continue
+        stack.append((path, True))
         try:
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full, onerror=_force_remove)
-            else:
-                os.unlink(full)
+            if path != top or not keep_top:
+                os.chmod(path, 0o700)
+            entries = list(os.scandir(path))
+        except FileNotFoundError:
+            continue
         except OSError:
-            pass
+            ok = False
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, False))
+                else:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                ok = False
+    return ok
 
 
-def _force_remove(func, path, _exc):
-    # a directory the program made unwritable: we are root in the sandbox, but make sure
-    try:
-        os.chmod(os.path.dirname(path), 0o700)
-        func(path)
-    except OSError:
-        pass
+def _ipc_left():
+    """Whether SysV IPC objects (which outlive the processes that made them) exist.
+    With namespaces the worker has an IPC namespace of its own, so any are the last
+    program's; they go with the worker."""
+    for kind in ("shm", "sem", "msg"):
+        try:
+            fd = os.open("/proc/sysvipc/" + kind, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if os.read(fd, 4096).count(b"\n") > 1:  # more than the header line
+                return True
+        finally:
+            os.close(fd)
+    return False
+
+
+def _own_state():
+    """What a program running as our uid could change about us from outside (prlimit,
+    setpriority, sched_setscheduler/affinity) and that its successors would inherit."""
+    return (
+        os.getpriority(os.PRIO_PROCESS, 0),
+        os.sched_getscheduler(0),
+        os.sched_getaffinity(0),
+        tuple(resource.getrlimit(r) for r in _RLIMITS),
+    )
 
 
 def _place_fds(fds, keyfd, resfd):
-    # move the four received descriptors out of the way, then onto their numbers
-    high = [os.dup(fd) if fd in (1, 2, keyfd, resfd) else fd for fd in fds]
-    for a, b in zip(high, fds):
-        if a != b:
-            os.close(b)
-    out, err, keyr, resw = high
+    """Puts the four received descriptors on 1, 2 and the job's two random numbers (64
+    and up) and closes everything else."""
+    if max(fds) >= 64 or min(fds) < 3:
+        # not where the zygote's few descriptors put them: move them out of the way
+        fds = [os.dup(fd) if fd in (1, 2, keyfd, resfd) else fd for fd in fds]
+    out, err, keyr, resw = fds
     os.dup2(out, 1)
     os.dup2(err, 2)
     os.dup2(keyr, keyfd, inheritable=False)
     os.dup2(resw, resfd, inheritable=False)
-    keep = sorted({0, 1, 2, keyfd, resfd})
-    lo = 0
-    for fd in keep:
-        if fd > lo:
-            os.closerange(lo, fd)
-        lo = fd + 1
-    os.closerange(lo, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    lo, hi = min(keyfd, resfd), max(keyfd, resfd)
+    os.closerange(3, lo)
+    os.closerange(lo + 1, hi)
+    os.closerange(hi + 1, 1 << 30)
 
 
 def _tag(write, resfd, exc, compiling=False):
@@ -234,11 +403,11 @@ def _format_exc(exc):
     return "".join(lines)
 
 
-def _harness(src, keyfd, resfd):
+def _harness(src, lines, keyfd, resfd):
     """Runs program + asserts as one module; only if the last statement finished does
     the key travel from the key descriptor to the result descriptor."""
     read, write, exit_ = os.read, os.write, os._exit
-    linecache.cache["solution.py"] = (len(src), None, src.splitlines(True), "solution.py")
+    linecache.cache["solution.py"] = lines
     g = {"__name__": "__main__", "__builtins__": builtins, "__doc__": None}
     try:
         code = compile(src, "solution.py", "exec", dont_inherit=True)
@@ -283,84 +452,109 @@ def _harness(src, keyfd, resfd):
     exit_(0)
 
 
-def _child(job, fds, opts, n):
+def _child(keyfd, resfd, src, lines, fds, opts):
+    """The forked child: confines itself and runs the job. Every page it writes is a
+    copy, so it does little: what can be prepared is prepared by the zygote."""
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
     os.setpgid(0, 0)
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if opts["mode"] == "ns":
-        # /tmp and /dev/shm are this worker's own tmpfs, emptied after every job
-        workdir = "/tmp"
-    else:
-        workdir = os.path.join(opts["base"], "job%d" % n)
+    workdir = opts["workdir"]
+    if not opts["ns"]:
+        # with namespaces the worker's pid namespace ends with it; without, leave with
+        # the zygote. And a fresh directory per job (with namespaces the zygote's cwd
+        # is the worker's own /tmp, emptied after every job)
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         os.mkdir(workdir, 0o700)
-    os.chdir(workdir)
-    os.environ["HOME"] = workdir
-    os.environ["TMPDIR"] = workdir
-    _place_fds(fds, job["keyfd"], job["resfd"])
-    cpu = max(1, int(job["cpu"]))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (job["as"], job["as"]))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (job["fsize"], job["fsize"]))
-    if job["nproc"] is not None:  # None: no limit that could work here
-        resource.setrlimit(resource.RLIMIT_NPROC, (job["nproc"], job["nproc"]))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.chdir(workdir)
+    _place_fds(fds, keyfd, resfd)
+    cpu = opts["cpu"]
+    setrlimit = resource.setrlimit
+    setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    setrlimit(resource.RLIMIT_AS, (opts["as"], opts["as"]))
+    setrlimit(resource.RLIMIT_FSIZE, (opts["fsize"], opts["fsize"]))
+    if opts["nproc"] >= 0:  # -1: no limit that could work here
+        setrlimit(resource.RLIMIT_NPROC, (opts["nproc"], opts["nproc"]))
+    setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # no POSIX message queues: they would outlive the program (SysV IPC objects are
+    # looked for after each job, see _ipc_left)
+    setrlimit(resource.RLIMIT_MSGQUEUE, (0, 0))
     # the runner is not dumpable (nothing may trace it or open its /proc files); the
     # program is, as a normal process would be
     _prctl(PR_SET_DUMPABLE, 1)
-    sys.argv[:] = ["solution.py"]
     sys.path.insert(0, workdir)
-    _harness(job["src"], job["keyfd"], job["resfd"])
+    _harness(src, lines, keyfd, resfd)
 
 
-def _run(ctl, job, fds, opts, n):
+def _run(ctl, opts, state):
+    """Takes the next job and sees it through; False when the zygote must stop (no more
+    jobs, or it retires after this one)."""
+    try:
+        keyfd, resfd, src, fds = _recv_job(ctl)
+    except (EOFError, ConnectionError):
+        return False
+    # decoded and split for tracebacks here, where writing costs nothing extra
+    src = src.decode("utf-8", "surrogateescape")
+    lines = (len(src), None, src.splitlines(True), "solution.py")
+    if _RANDOM_SEED is not None:
+        # what os.fork()'s at-fork hook does in the child (random.seed() without its
+        # Python layer), done here: each child gets a fresh state without writing it
+        _RANDOM_SEED(random._inst)
+        random._inst.gauss_next = None
+    ns = opts["ns"]
+    if ns:
+        ctl.sendall(_STARTED)
+    start = time.monotonic()
     gc.freeze()  # the child must not touch (and so copy) the runner's pages to collect them
-    pid = os.fork()
+    pid = _fork()
     if pid == 0:
         try:
             ctl.detach()
-            _child(job, fds, opts, n)
+            _child(keyfd, resfd, src, lines, fds, opts)
         except BaseException:
             try:
                 os.write(2, ("sandbox setup failed:\n" + traceback.format_exc()).encode())
             except BaseException:
                 pass
         os._exit(121)
-    for fd in fds:
-        os.close(fd)
-    try:
-        os.setpgid(pid, pid)
-    except OSError:
-        pass
-    if opts["mode"] != "ns":
-        # the parent can kill this group itself should we fail to
-        _send(ctl, {"ev": "started", "pid": pid})
-    timed_out = False
-    pidfd = os.pidfd_open(pid)
-    try:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        if not poller.poll(max(1, int(job["wall"] * 1000))):
-            timed_out = True
+    # Until the child is gone every page the zygote writes is copied: it waits at once
+    # and leaves the rest (closing the job's descriptors included) for after. SIGCHLD
+    # is blocked, so it waits here for us (it may also be an orphan's).
+    if not ns:
+        # the parent kills this group itself should we fail to
+        ctl.sendall(EVENT.pack(STARTED, pid, 0, 0, 0.0, 0.0))
+    left = opts["wall"]
+    while True:
+        if left <= 0 or _signal.sigtimedwait(_SIGCHLD, left) is None:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 os.kill(pid, signal.SIGKILL)
-    finally:
-        os.close(pidfd)
-    _, status, usage = os.wait4(pid, 0)
-    done = {"ev": "done", "status": status, "timeout": timed_out,
-            "cpu": usage.ru_utime + usage.ru_stime}
-    if opts["mode"] == "ns":
-        # the verdict can be made while we clean up: the next job waits for us anyway,
-        # and should the worker be dropped now, its pid namespace takes everything along
-        _send(ctl, done)
-        _sweep(pid, True)
-        for scratch in ("/tmp", "/dev/shm"):
-            _empty(scratch)
+            _, status, usage = os.wait4(pid, 0)
+            timed_out = True
+            break
+        got, status, usage = os.wait4(pid, os.WNOHANG)
+        if got == pid:
+            timed_out = False
+            break
+        left = start + opts["wall"] - time.monotonic()
+    for fd in fds:
+        os.close(fd)
+    wall = time.monotonic() - start
+    gone = True
+    if _children_left():
+        _sweep(pid, ns)
+        gone = not _children_left()
+    # a program (or what it left) that signalled us or changed our limits, priority or
+    # CPU set could reach the next program through us: hand over to a fresh worker
+    intact = gone and _signal.sigpending() <= _SIGCHLD and _own_state() == state
+    if ns and intact:
+        intact = not _ipc_left()
+    ctl.sendall(EVENT.pack(DONE, status, timed_out, not intact, usage.ru_utime + usage.ru_stime, wall))
+    # what cannot be removed would be the next program's: hand over instead
+    if ns:
+        cleared = _clear("/tmp", True) & _clear("/dev/shm", True)
     else:
-        # without namespaces only this sweep catches escapees: finish it first
-        _sweep(pid, False)
-        shutil.rmtree(os.path.join(opts["base"], "job%d" % n), ignore_errors=True)
-        _send(ctl, done)
+        cleared = _clear(opts["workdir"], False)
+    return intact and cleared
 
 
 def main():
@@ -368,21 +562,32 @@ def main():
     for arg in sys.argv[1:]:
         k, _, v = arg.partition("=")
         opts[k] = v
+    for k in ("cpu", "as", "fsize", "nproc", "wall_us"):
+        opts[k] = int(opts[k])
+    opts["cpu"] = max(1, opts["cpu"])
+    opts["wall"] = opts["wall_us"] / 1e6
     sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+    sys.argv[:] = ["solution.py"]
     _prctl(PR_SET_DUMPABLE, 0)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    os.chdir("/")
+    # every signal a program may send us waits (and makes us retire); children unblock
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    opts["ns"] = opts["mode"] == "ns"
+    if opts["ns"]:
+        os.chdir("/tmp")
+        opts["workdir"] = "/tmp"
+    else:
+        os.chdir("/")
+        workdir = os.path.join(opts["base"], "job")
+        opts["workdir"] = workdir
+        os.environ["HOME"] = workdir
+        os.environ["TMPDIR"] = workdir
     ctl = socket.socket(fileno=int(opts["ctl"]))
-    _send(ctl, {"ev": "ready", "pid": os.getpid(), "uid": os.geteuid()})
-    n = 0
-    while True:
-        try:
-            job, fds = _recv_job(ctl)
-        except (EOFError, ConnectionError):
-            break
-        n += 1
-        _run(ctl, job, fds, opts, n)
+    state = _own_state()
+    ctl.sendall(EVENT.pack(READY, os.getpid(), os.geteuid(), 0, 0.0, 0.0))
+    while _run(ctl, opts, state):
+        pass
 
 
 main()

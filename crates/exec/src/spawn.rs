@@ -4,7 +4,7 @@
 //! With namespaces the process tree is
 //!
 //! ```text
-//! rupantor ─ P (outer pid; new user+mount+net ns; waits)
+//! rupantor ─ P (outer pid; new user+mount+net+ipc ns; waits)
 //!              └ A (pid 1 of a new pid ns: mounts /proc, reaps, and when it exits the
 //!                   kernel kills everything left in the namespace)
 //!                   └ B = python3 runner.py (the zygote) ─ one child per program
@@ -251,7 +251,11 @@ pub(crate) unsafe fn ns_child(plan: &NsPlan) -> io::Result<()> {
         0,
     );
     cvt(libc::unshare(
-        libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWPID,
+        libc::CLONE_NEWUSER
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWIPC,
     ))?;
     let pid = libc::getpid();
     sys::write_all(plan.ready_w, &pid.to_ne_bytes())?;

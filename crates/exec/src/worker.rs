@@ -3,14 +3,13 @@
 //! the job handshake, reading stdout/stderr/result concurrently with tails kept, the
 //! safety deadline, and the verdict.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-use serde_json::Value;
 
 use crate::spawn;
 use crate::sys;
@@ -27,6 +26,16 @@ const DEADLINE_SLACK: Duration = Duration::from_secs(5);
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// Bytes of the result descriptor kept (a key is 32).
 const RESULT_CAP: usize = 4096;
+/// Size of a job header and of an event record (`JOB` and `EVENT` in runner.py).
+const JOB_BYTES: usize = 8;
+const EVENT_BYTES: usize = 32;
+/// Event kinds.
+const READY: i32 = 1;
+const STARTED: i32 = 2;
+const DONE: i32 = 3;
+/// Largest program sent while another runs: it must fit the control socket's buffer.
+const QUEUE_BYTES: usize = 32 << 10;
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Keeps the last `cap` bytes written, and counts them all.
 pub(crate) struct Tail {
@@ -71,18 +80,67 @@ pub(crate) struct Worker {
     ctl: UnixStream,
     rbuf: Vec<u8>,
     namespaced: bool,
-    privs: spawn::Privileges,
     /// The current program's process (group) id as the runner reported it; in our pid
     /// namespace only without namespaces.
     job_pid: Option<i32>,
     /// Parent of the per-program directories when there are no namespaces.
-    _base: Option<tempfile::TempDir>,
+    base: Option<tempfile::TempDir>,
+    /// Jobs sent and not finished, oldest (running or next to run) first.
+    queue: VecDeque<Pending>,
+    /// Since when the runner has been free for the oldest queued job.
+    free_since: Instant,
+    /// The limits the runner applies (fixed when it starts).
+    limits: Limits,
+}
+
+/// The limits a worker's runner was started with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Limits {
+    wall: Duration,
+    cpu: Duration,
+    memory: u64,
+    file_size: u64,
+    processes: u32,
+}
+
+impl Limits {
+    fn of(cfg: &SandboxConfig) -> Self {
+        Limits {
+            wall: cfg.wall_time,
+            cpu: cfg.cpu_time,
+            memory: cfg.memory_bytes,
+            file_size: cfg.file_size_bytes,
+            processes: cfg.max_processes,
+        }
+    }
+}
+
+/// A job sent to the runner: what its verdict needs.
+struct Pending {
+    key: [u8; 32],
+    out_r: OwnedFd,
+    err_r: OwnedFd,
+    res_r: OwnedFd,
+    sent: Instant,
 }
 
 /// A job's result, and whether the worker can take another.
 pub(crate) struct Outcome {
     pub(crate) verdict: Verdict,
     pub(crate) worker_ok: bool,
+    /// The runner was gone before it started the job: the job never ran and can be
+    /// given to a fresh worker.
+    pub(crate) not_started: bool,
+}
+
+/// One record from the runner (`EVENT` in runner.py).
+struct Event {
+    kind: i32,
+    a: i32,
+    b: i32,
+    c: i32,
+    x: f64,
+    y: f64,
 }
 
 /// How a worker's interpreter gives up privileges. As root it becomes
@@ -107,6 +165,23 @@ pub(crate) fn privileges(namespaced: bool, python: &std::path::Path) -> spawn::P
         spawn::Privileges::AllCaps
     } else {
         spawn::Privileges::Nothing
+    }
+}
+
+/// RLIMIT_NPROC for the program. The kernel counts it per (user namespace, uid) and
+/// never applies it to uid 0 outside. With namespaces and an id of its own, the count is
+/// the program's processes plus the runner's; keeping inside uid 0 it shares the count
+/// with init and the runner. Without namespaces, uid 65534 is shared machine-wide with
+/// the other workers (hence the slack); under our own id the count would include all of
+/// our processes, so no limit is set.
+fn nproc_limit(cfg: &SandboxConfig, namespaced: bool, privs: spawn::Privileges) -> Option<u64> {
+    let max = u64::from(cfg.max_processes.max(1));
+    let own_id = matches!(privs, spawn::Privileges::ToId { .. });
+    match (namespaced, own_id) {
+        (true, true) => Some(max + 1),
+        (true, false) => Some(max + 2),
+        (false, true) => Some(max + 16),
+        (false, false) => None,
     }
 }
 
@@ -143,15 +218,29 @@ impl Worker {
             }
             Some(dir)
         };
+        // the runner sets HOME/TMPDIR to each job's directory (/tmp with namespaces)
         let home = match &base {
             Some(dir) => dir.path().to_string_lossy().into_owned(),
             None => "/tmp".to_string(),
         };
+        let nproc =
+            nproc_limit(cfg, namespaced, privs).map_or(-1, |n| n.min(i64::MAX as u64) as i64);
         let mut cmd = Command::new(&cfg.python);
-        cmd.args(["-s", "-B", "-c", RUNNER])
+        cmd.args(["-S", "-s", "-B", "-c", RUNNER])
             .arg(format!("ctl={theirs_fd}"))
             .arg(format!("mode={}", if namespaced { "ns" } else { "plain" }))
             .arg(format!("base={home}"))
+            .arg(format!(
+                "cpu={}",
+                cfg.cpu_time.as_secs_f64().ceil().clamp(1.0, 1e9) as u64
+            ))
+            .arg(format!("as={}", cfg.memory_bytes))
+            .arg(format!("fsize={}", cfg.file_size_bytes))
+            .arg(format!("nproc={nproc}"))
+            .arg(format!(
+                "wall_us={}",
+                cfg.wall_time.as_micros().min(u64::MAX as u128)
+            ))
             .env_clear()
             .env(
                 "PATH",
@@ -182,14 +271,19 @@ impl Worker {
             ctl: ours,
             rbuf: Vec::new(),
             namespaced,
-            privs,
             job_pid: None,
-            _base: base,
+            base,
+            queue: VecDeque::new(),
+            free_since: Instant::now(),
+            limits: Limits::of(cfg),
         };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             match worker.next_event(deadline)? {
-                Some(ev) if ev["ev"] == "ready" => return Ok(worker),
+                Some(ev) if ev.kind == READY => {
+                    worker.free_since = Instant::now();
+                    return Ok(worker);
+                }
                 Some(_) => continue,
                 None => {
                     return Err(io::Error::new(
@@ -205,19 +299,39 @@ impl Worker {
         self.namespaced
     }
 
-    /// Parses one buffered event line, if a whole one is there.
-    fn buffered_event(&mut self) -> io::Result<Option<Value>> {
-        if let Some(nl) = self.rbuf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.rbuf.drain(..=nl).collect();
-            let v = serde_json::from_slice(&line).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad runner message: {e}"),
-                )
-            })?;
-            return Ok(Some(v));
+    /// Jobs sent and not yet finished.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether a job of `src_len` bytes may be sent now. One job may wait behind the
+    /// running one, if small: it sits in the control socket's buffer until the runner
+    /// takes it, and a send that blocked there would stop us reading the running
+    /// program's output.
+    pub(crate) fn can_take(&self, src_len: usize) -> bool {
+        match self.queue.len() {
+            0 => true,
+            1 => src_len <= QUEUE_BYTES,
+            _ => false,
         }
-        Ok(None)
+    }
+
+    /// Parses one buffered event, if a whole one is there.
+    fn buffered_event(&mut self) -> Option<Event> {
+        if self.rbuf.len() < EVENT_BYTES {
+            return None;
+        }
+        let rec: Vec<u8> = self.rbuf.drain(..EVENT_BYTES).collect();
+        let i32_at = |at: usize| i32::from_le_bytes(rec[at..at + 4].try_into().expect("4 bytes"));
+        let f64_at = |at: usize| f64::from_le_bytes(rec[at..at + 8].try_into().expect("8 bytes"));
+        Some(Event {
+            kind: i32_at(0),
+            a: i32_at(4),
+            b: i32_at(8),
+            c: i32_at(12),
+            x: f64_at(16),
+            y: f64_at(24),
+        })
     }
 
     /// Reads what the control socket has; `Ok(false)` when the runner is gone.
@@ -244,6 +358,8 @@ impl Worker {
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => return Ok(true),
+                // the runner left with a queued job unread: what it sent came first
+                io::ErrorKind::ConnectionReset => return Ok(false),
                 _ => return Err(err),
             }
         }
@@ -251,9 +367,9 @@ impl Worker {
 
     /// Waits for the next event until `deadline`; `Ok(None)` on timeout, an error when
     /// the runner is gone.
-    fn next_event(&mut self, deadline: Instant) -> io::Result<Option<Value>> {
+    fn next_event(&mut self, deadline: Instant) -> io::Result<Option<Event>> {
         loop {
-            if let Some(v) = self.buffered_event()? {
+            if let Some(v) = self.buffered_event() {
                 return Ok(Some(v));
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -278,46 +394,52 @@ impl Worker {
     /// Runs one module (program + asserts) and judges it.
     pub(crate) fn run(&mut self, cfg: &SandboxConfig, src: &str) -> Outcome {
         let start = Instant::now();
-        match self.run_inner(cfg, src, start) {
-            Ok(outcome) => outcome,
-            Err(e) => Outcome {
+        if let Err(e) = self.submit(cfg, src) {
+            return Outcome {
                 verdict: sandbox_failure(format!("sandbox worker failed: {e}"), start.elapsed()),
                 worker_ok: false,
-            },
+                not_started: true,
+            };
         }
+        self.finish(cfg)
     }
 
-    fn run_inner(&mut self, cfg: &SandboxConfig, src: &str, start: Instant) -> io::Result<Outcome> {
+    /// Sends one module (program + asserts) to the runner; it runs after the jobs sent
+    /// before it. [`Worker::finish`] judges the oldest.
+    pub(crate) fn submit(&mut self, cfg: &SandboxConfig, src: &str) -> io::Result<()> {
         let mut key_raw = [0u8; 16];
         sys::random_bytes(&mut key_raw);
-        let key: String = key_raw.iter().map(|b| format!("{b:02x}")).collect();
+        let mut key = [0u8; 32];
+        for (i, b) in key_raw.iter().enumerate() {
+            key[2 * i] = HEX[usize::from(b >> 4)];
+            key[2 * i + 1] = HEX[usize::from(b & 15)];
+        }
         let (out_r, out_w) = sys::pipe()?;
         let (err_r, err_w) = sys::pipe()?;
         let (key_r, key_w) = sys::pipe()?;
         let (res_r, res_w) = sys::pipe()?;
-        sys::write_all(key_w.as_raw_fd(), key.as_bytes())?;
+        sys::write_all(key_w.as_raw_fd(), &key)?;
         drop(key_w);
-        let keyfd = 64 + (sys::random_u64() % 900) as i64;
+        let keyfd = 64 + (sys::random_u64() % 900) as u16;
         let resfd = loop {
-            let fd = 64 + (sys::random_u64() % 900) as i64;
+            let fd = 64 + (sys::random_u64() % 900) as u16;
             if fd != keyfd {
                 break fd;
             }
         };
-        let job = serde_json::json!({
-            "src": src,
-            "keyfd": keyfd,
-            "resfd": resfd,
-            "wall": cfg.wall_time.as_secs_f64(),
-            "cpu": cfg.cpu_time.as_secs_f64().ceil().max(1.0) as u64,
-            "as": cfg.memory_bytes,
-            "fsize": cfg.file_size_bytes,
-            "nproc": self.nproc_limit(cfg),
-        });
-        let body = serde_json::to_vec(&job).map_err(io::Error::other)?;
-        let mut msg = Vec::with_capacity(body.len() + 4);
-        msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        msg.extend_from_slice(&body);
+        debug_assert_eq!(
+            self.limits,
+            Limits::of(cfg),
+            "a worker runs with the limits it started with"
+        );
+        let src_len = u32::try_from(src.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "program too long"))?;
+        let mut msg = Vec::with_capacity(JOB_BYTES + src.len());
+        msg.extend_from_slice(&src_len.to_le_bytes());
+        msg.extend_from_slice(&keyfd.to_le_bytes());
+        msg.extend_from_slice(&resfd.to_le_bytes());
+        debug_assert_eq!(msg.len(), JOB_BYTES);
+        msg.extend_from_slice(src.as_bytes());
         sys::send_with_fds(
             self.ctl.as_raw_fd(),
             &msg,
@@ -329,34 +451,88 @@ impl Worker {
             ],
         )?;
         drop((out_w, err_w, key_r, res_w));
+        for fd in [&out_r, &err_r, &res_r] {
+            sys::set_nonblocking(fd)?;
+        }
+        let now = Instant::now();
+        if self.queue.is_empty() {
+            self.free_since = now;
+        }
+        self.queue.push_back(Pending {
+            key,
+            out_r,
+            err_r,
+            res_r,
+            sent: now,
+        });
+        Ok(())
+    }
 
+    /// Waits for the oldest job sent and judges it.
+    pub(crate) fn finish(&mut self, cfg: &SandboxConfig) -> Outcome {
+        let Some(job) = self.queue.pop_front() else {
+            return Outcome {
+                verdict: sandbox_failure("no job to finish".into(), Duration::ZERO),
+                worker_ok: true,
+                not_started: true,
+            };
+        };
+        let start = job.sent.max(self.free_since);
+        let outcome = match self.finish_inner(cfg, job, start) {
+            Ok(outcome) => outcome,
+            Err(e) => Outcome {
+                verdict: sandbox_failure(format!("sandbox worker failed: {e}"), start.elapsed()),
+                worker_ok: false,
+                not_started: false,
+            },
+        };
+        self.free_since = Instant::now();
+        outcome
+    }
+
+    fn finish_inner(
+        &mut self,
+        cfg: &SandboxConfig,
+        job: Pending,
+        start: Instant,
+    ) -> io::Result<Outcome> {
+        let Pending {
+            key,
+            out_r,
+            err_r,
+            res_r,
+            ..
+        } = job;
         let mut out = Tail::new(cfg.output_cap_bytes);
         let mut err = Tail::new(cfg.output_cap_bytes.max(crate::verdict::TRACE_BYTES));
         let mut res = Tail::new(RESULT_CAP);
         let mut res_len = 0usize;
         let mut pipes: Vec<(Option<OwnedFd>, u8)> =
             vec![(Some(out_r), 0), (Some(err_r), 1), (Some(res_r), 2)];
-        for (fd, _) in &pipes {
-            sys::set_nonblocking(fd.as_ref().expect("open"))?;
-        }
-        let deadline = start + cfg.wall_time + DEADLINE_SLACK;
-        let mut done: Option<(i32, bool, f64)> = None;
+        // until the runner says it started the job, it may still be cleaning up after
+        // the one before
+        let mut deadline = start + cfg.wall_time + 2 * DEADLINE_SLACK;
+        let mut started = false;
+        let mut done: Option<(i32, bool, f64, f64)> = None;
         let mut done_at: Option<Instant> = None;
         let mut worker_ok = true;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             while done.is_none() {
-                match self.buffered_event()? {
-                    Some(ev) if ev["ev"] == "done" => {
-                        let status = ev["status"].as_i64().unwrap_or(-1) as i32;
-                        let timeout = ev["timeout"].as_bool().unwrap_or(false);
-                        let cpu = ev["cpu"].as_f64().unwrap_or(0.0);
-                        done = Some((status, timeout, cpu));
+                match self.buffered_event() {
+                    Some(ev) if ev.kind == DONE => {
+                        done = Some((ev.a, ev.b != 0, ev.x, ev.y));
                         done_at = Some(Instant::now());
+                        if ev.c != 0 {
+                            // the runner retires after this job (see runner.py)
+                            worker_ok = false;
+                        }
                         self.job_pid = None;
                     }
-                    Some(ev) if ev["ev"] == "started" => {
-                        self.job_pid = ev["pid"].as_i64().map(|p| p as i32);
+                    Some(ev) if ev.kind == STARTED => {
+                        started = true;
+                        deadline = Instant::now() + cfg.wall_time + DEADLINE_SLACK;
+                        self.job_pid = Some(ev.a);
                     }
                     Some(_) => continue,
                     None => break,
@@ -375,7 +551,12 @@ impl Worker {
                 if done.is_none() {
                     // the runner did not enforce the wall limit: give up on this worker
                     worker_ok = false;
-                    done = Some((libc::SIGKILL, true, 0.0));
+                    done = Some((
+                        libc::SIGKILL,
+                        true,
+                        0.0,
+                        now.duration_since(start).as_secs_f64(),
+                    ));
                 }
                 break;
             }
@@ -437,7 +618,7 @@ impl Worker {
                 if pfds[slot].revents != 0 && !self.fill()? {
                     // runner died (a program cannot normally reach it; treat as a failure)
                     worker_ok = false;
-                    if self.buffered_event()?.is_none() {
+                    if self.rbuf.len() < EVENT_BYTES {
                         let wall = start.elapsed();
                         let mut v =
                             sandbox_failure("sandbox worker died during the run".into(), wall);
@@ -445,12 +626,13 @@ impl Worker {
                         return Ok(Outcome {
                             verdict: v,
                             worker_ok,
+                            not_started: !started,
                         });
                     }
                 }
             }
         }
-        let (status, wall_timeout, cpu) = done.expect("set before leaving the loop");
+        let (status, wall_timeout, cpu, wall) = done.expect("set before leaving the loop");
         // more than RESULT_CAP bytes on the result descriptor can never be just the key
         let result: &[u8] = if res_len > RESULT_CAP {
             b"\x01overflow"
@@ -462,7 +644,7 @@ impl Worker {
             wall_timeout,
             cpu,
             result,
-            key: key.as_bytes(),
+            key: &key,
             stderr: err.bytes(),
         };
         let (passed, class, note) = classify(&finished, cfg.cpu_time, cfg.wall_time);
@@ -477,26 +659,13 @@ impl Worker {
             passed,
             class,
             trace,
-            wall: start.elapsed(),
+            wall: Duration::from_secs_f64(wall.max(0.0)),
         };
-        Ok(Outcome { verdict, worker_ok })
-    }
-
-    /// RLIMIT_NPROC for the program. The kernel counts it per (user namespace, uid)
-    /// and never applies it to uid 0 outside. With namespaces and an id of its own, the
-    /// count is the program's processes plus the runner's; keeping inside uid 0 it
-    /// shares the count with init and the runner. Without namespaces, uid 65534 is
-    /// shared machine-wide with the other workers (hence the slack); under our own id
-    /// the count would include all of our processes, so no limit is set.
-    fn nproc_limit(&self, cfg: &SandboxConfig) -> Option<u64> {
-        let max = u64::from(cfg.max_processes.max(1));
-        let own_id = matches!(self.privs, spawn::Privileges::ToId { .. });
-        match (self.namespaced, own_id) {
-            (true, true) => Some(max + 1),
-            (true, false) => Some(max + 2),
-            (false, true) => Some(max + 16),
-            (false, false) => None,
-        }
+        Ok(Outcome {
+            verdict,
+            worker_ok,
+            not_started: false,
+        })
     }
 
     /// Process group of the worker (P, or the runner without namespaces).
@@ -516,5 +685,30 @@ impl Drop for Worker {
         sys::kill_group(self.pgid());
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(base) = self.base.take() {
+            // what the runner could not remove (it retires then), e.g. directories a
+            // program made unreadable: open them up first
+            let path = base.path().to_path_buf();
+            if base.close().is_err() {
+                open_up(&path);
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+    }
+}
+
+/// Gives us full access to every directory under `top`, following no symlinks.
+fn open_up(top: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![top.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(entry.path());
+                }
+            }
+        }
     }
 }

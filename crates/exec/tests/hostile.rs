@@ -641,3 +641,104 @@ fn run_many_keeps_order_reports_progress_and_survives_hostiles() {
         assert_eq!(verdicts[3].class, VerdictClass::Memory, "{mode}");
     }
 }
+
+#[test]
+fn nothing_a_program_leaves_or_changes_reaches_the_next_one() {
+    // our own niceness and descriptor limit: what every worker starts with
+    // SAFETY: plain libc queries about this process.
+    let (nice, nofile) = unsafe {
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        (nice, (lim.rlim_cur, lim.rlim_max))
+    };
+    for (mode, cfg) in modes() {
+        let outside = outside_dir();
+        let canary = outside.path().join("canary");
+        std::fs::write(&canary, "alive").unwrap();
+        let left = marker("left");
+        let ipc_key = 0x5e00_0000 | (std::process::id() & 0xffff);
+        // each on its own, then a program that looks for it: files everywhere it may
+        // write, some hard to remove, a link out of the sandbox; SysV and POSIX IPC
+        // objects; and, at the zygote (our parent), a lower priority, lower limits, a
+        // signal
+        let files = format!(
+            "import os\n\
+             for d in {{os.getcwd(), os.environ['HOME'], os.environ['TMPDIR'], '/tmp', '/dev/shm'}}:\n    \
+             try:\n        open(os.path.join(d, '{left}'), 'w').write('x')\n    except OSError:\n        pass\n\
+             os.makedirs('locked/inner')\nopen('locked/inner/f', 'w').write('x')\nos.chmod('locked/inner', 0)\nos.chmod('locked', 0o500)\n\
+             p = 'deep'\nfor i in range(200):\n    p = os.path.join(p, 'd')\nos.makedirs(p)\n\
+             os.symlink('{out}', 'link')\nos.mkfifo('fifo')\n",
+            out = outside.path().display()
+        );
+        let ipc = format!(
+            "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nassert libc.shmget({ipc_key}, 4096, 0o1666) >= 0\n\
+             libc.mq_open.restype = ctypes.c_int\n\
+             assert libc.mq_open(b'/{left}', os.O_CREAT | os.O_RDWR, 0o600, None) == -1, 'a POSIX message queue'\n"
+        );
+        let at_parent = |act: &str| {
+            format!("import os, resource, signal\nppid = os.getppid()\ntry:\n    {act}\nexcept OSError:\n    pass\n")
+        };
+        let spoilers = [
+            files,
+            ipc,
+            at_parent("os.setpriority(os.PRIO_PROCESS, ppid, 15)"),
+            at_parent("resource.prlimit(ppid, resource.RLIMIT_NOFILE, (16, 16))"),
+            at_parent("resource.prlimit(ppid, resource.RLIMIT_AS, (1 << 28, 1 << 28))"),
+            at_parent("os.kill(ppid, signal.SIGUSR1)"),
+        ];
+        let checker = "import os, resource\n\
+             here = sorted(os.listdir('.'))\nshm = sorted(os.listdir('/dev/shm')) if os.path.isdir('/dev/shm') else []\n\
+             nice = os.getpriority(os.PRIO_PROCESS, 0)\nnofile = resource.getrlimit(resource.RLIMIT_NOFILE)\n\
+             ipc = open('/proc/sysvipc/shm').read().splitlines()[1:]\n";
+        let mut checks = vec![
+            "assert here == [], here".to_string(),
+            format!("assert nice == {nice}, nice"),
+            format!("assert nofile == {nofile:?}, nofile"),
+        ];
+        if is_ns(mode) {
+            checks.push("assert shm == [], shm".to_string());
+            checks.push("assert ipc == [], ipc".to_string());
+        }
+        let mut jobs = Vec::new();
+        for spoiler in &spoilers {
+            jobs.push((spoiler.clone(), asserts(&["assert True"])));
+            jobs.push((checker.to_string(), checks.clone()));
+        }
+        let v = run_many(&cfg, &jobs, 1, |_| {});
+        for (pair, spoiler) in v.chunks(2).zip(&spoilers) {
+            assert!(pair[0].passed, "{mode}: {spoiler}\n{:?}", pair[0]);
+            assert!(
+                pair[1].passed,
+                "{mode}: the next program saw what this one did:\n{spoiler}\n{:?}",
+                pair[1]
+            );
+        }
+        assert_eq!(
+            std::fs::read_to_string(&canary).ok().as_deref(),
+            Some("alive"),
+            "{mode}: cleaning up followed a link out of the sandbox"
+        );
+        let host_ipc = std::fs::read_to_string("/proc/sysvipc/shm").unwrap_or_default();
+        let ours = host_ipc
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(&ipc_key.to_string()));
+        // without namespaces the host's /tmp, /dev/shm and IPC objects were writable
+        for dir in ["/tmp", "/dev/shm"] {
+            let _ = std::fs::remove_file(Path::new(dir).join(&left));
+        }
+        // SAFETY: plain libc calls on a segment only this test names.
+        unsafe {
+            let id = libc::shmget(ipc_key as libc::key_t, 0, 0);
+            if id >= 0 {
+                libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
+            }
+        }
+        if is_ns(mode) {
+            assert!(!ours, "{mode}: a SysV segment outlived the sandbox");
+        } else {
+            eprintln!("SKIP {mode}: without namespaces SysV IPC objects are the host's");
+        }
+    }
+}
