@@ -772,11 +772,10 @@ pub fn generate_with_strategies(
     run_strategies(&mut ModelTexts { model, tokenizer }, job)
 }
 
-/// The loop's dev generation with strategies: a [`Generator`] for `LoopHooks::generator`
-/// that runs [`run_strategies`] with each iteration's trained model. The few-shot pool is
-/// fixed when it is built (the `Generator` is not handed the iteration's pool), e.g.
-/// [`ExamplePool::from_pool`] of the initial pool; dev problems folded into it later are
-/// still never their own examples.
+/// The loop's dev generation with strategies: a [`Generator`] that runs [`run_strategies`]
+/// with an iteration's trained model. `run_loop` builds one per iteration with few-shot
+/// examples from that iteration's pool ([`ExamplePool::from_pool`]); a dev problem folded
+/// into the pool is still never its own example.
 pub struct StrategyGenerator {
     pub strategies: Strategies,
     /// The problems' split (`dev` in the loop).
