@@ -24,8 +24,9 @@ What one step is, as `rupantor bench train-step` does it:
   `1000 + next() % (vocab - 1000)` row by row, `<bos>` first), labels = ids (every position
   trained); HF computes the loss over the full `[batch, seq, vocab]` logits.
 * forward + loss + backward + `bnb.optim.AdamW8bit` step (lr 5e-5, weight decay 0, 8-bit state
-  for tensors of at least 4096 elements, bnb's default), no gradient checkpointing, default
-  attention implementation, torch's default thread count.
+  for tensors of at least 4096 elements, bnb's default), default attention implementation,
+  torch's default thread count; gradient checkpointing only with `--gradient-checkpointing`
+  (non-reentrant, per decoder layer: what `rupantor bench train-step --recompute on` does).
 
 Prints the per-phase split (forward incl. loss, backward, optimizer), tokens/s over the timed
 steps, the process peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, which includes
@@ -126,6 +127,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -137,6 +139,8 @@ def main() -> None:
     n_q = quantize_projections(model)
     for p in model.parameters():
         p.requires_grad_(False)
+    if a.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
         r=a.rank,
         lora_alpha=2 * a.rank,
@@ -209,6 +213,7 @@ def main() -> None:
                     "seq": a.seq,
                     "rank": a.rank,
                     "steps": a.steps,
+                    "gradient_checkpointing": a.gradient_checkpointing,
                     "tokens_per_s": tps,
                     "s_per_step": total / a.steps,
                     "phases_s_per_step": {k: v / a.steps for k, v in phases.items()},

@@ -1,10 +1,12 @@
 //! `rupantor bench train-step`: QLoRA train steps on the real model — forward, chunked loss,
-//! backward, 8-bit AdamW — with tokens/s, the time split between the phases and peak RSS.
+//! backward, 8-bit AdamW — with tokens/s, the time split between the phases and peak RSS, with
+//! and without activation recompute.
 //!
 //! The step is the trainer's (crates/train `Run::train_step`) for one micro-batch: LoRA in
-//! training mode (dropout on), `forward_hidden`, the chunked LM loss over every position (labels
-//! = ids), `backward`, the LoRA gradients copied to the host, [`AdamW8bit`] with bitsandbytes'
-//! semantics, the new values written back. The token ids come from SplitMix64 exactly as
+//! training mode (dropout on), `Gemma::loss_and_grads` (forward, the chunked LM loss over every
+//! position with labels = ids, backward; with `--recompute on` each layer's forward runs again
+//! in the backward pass), the LoRA gradients copied to the host, [`AdamW8bit`] with
+//! bitsandbytes' semantics, the new values written back. The token ids come from SplitMix64 exactly as
 //! `scripts/bench/hf_train_step.py` draws them, so the PyTorch baseline (HF transformers + PEFT
 //! + bitsandbytes, run by hand) trains on the same batch and its first loss can be compared.
 //!
@@ -49,9 +51,20 @@ pub struct TrainStepBenchArgs {
     /// Seed of the token ids (the baseline script's default).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Activation recompute (the trainer's `recompute`): off, on, or both, each then in a
+    /// child process of its own, with the ratio of on to off.
+    #[arg(long, value_enum, default_value_t = RecomputeArg::Both)]
+    pub recompute: RecomputeArg,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecomputeArg {
+    Off,
+    On,
+    Both,
 }
 
 /// `1000 + next() % (vocab - 1000)` for every position after a leading `<bos>`, row by row:
@@ -90,50 +103,8 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-const GIB: f64 = (1u64 << 30) as f64;
-
 pub fn gib(bytes: u64) -> f64 {
-    bytes as f64 / GIB
-}
-
-/// Seconds (or, for [`Bench::step`]'s second value, peak RSS bytes) per phase of a step.
-#[derive(Debug, Default, Clone, Copy)]
-struct Phases {
-    forward: f64,
-    loss: f64,
-    backward: f64,
-    optimizer: f64,
-}
-
-impl Phases {
-    fn total(&self) -> f64 {
-        self.forward + self.loss + self.backward + self.optimizer
-    }
-
-    fn add(&mut self, o: &Phases) {
-        self.forward += o.forward;
-        self.loss += o.loss;
-        self.backward += o.backward;
-        self.optimizer += o.optimizer;
-    }
-
-    fn max(&self, o: &Phases) -> Phases {
-        Phases {
-            forward: self.forward.max(o.forward),
-            loss: self.loss.max(o.loss),
-            backward: self.backward.max(o.backward),
-            optimizer: self.optimizer.max(o.optimizer),
-        }
-    }
-
-    fn scaled(&self, k: f64) -> Phases {
-        Phases {
-            forward: self.forward * k,
-            loss: self.loss * k,
-            backward: self.backward * k,
-            optimizer: self.optimizer * k,
-        }
-    }
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 struct Bench {
@@ -146,48 +117,52 @@ struct Bench {
     loss_chunk: usize,
 }
 
+/// One step's figures.
+struct Step {
+    /// Mean NLL per position.
+    loss: f64,
+    /// Seconds in `loss_and_grads` (forward, loss, backward) and in the optimizer.
+    grads_s: f64,
+    optimizer_s: f64,
+    /// Peak RSS within each of the two (zero where the high-water mark cannot be reset).
+    grads_peak: u64,
+    optimizer_peak: u64,
+}
+
 impl Bench {
-    /// One train step; returns its loss (mean NLL per position), the phase times and the peak
-    /// RSS within each phase (where the high-water mark can be reset; zeros otherwise).
-    fn step(&mut self, tick: u64) -> Result<(f64, Phases, Phases)> {
-        let mut p = Phases::default();
-        let mut mem = Phases::default();
-        let peak = |reset_after: bool| -> f64 {
-            let v = peak_rss_bytes().unwrap_or(0) as f64;
-            if reset_after {
-                reset_peak_rss();
-            }
-            v
-        };
-        let m = self.model.model();
+    fn step(&mut self, tick: u64, recompute: bool) -> Result<Step> {
         self.model.set_training(true);
         self.model.set_dropout_clock(tick);
-        reset_peak_rss();
+        let resettable = reset_peak_rss();
+        let peak = || {
+            if resettable {
+                peak_rss_bytes().unwrap_or(0)
+            } else {
+                0
+            }
+        };
         let t = Instant::now();
-        let hidden = m.forward_hidden(&self.ids, 0, None, None)?;
-        p.forward = t.elapsed().as_secs_f64();
-        mem.forward = peak(true);
-        let t = Instant::now();
-        let loss = m.chunked_lm_loss(&hidden, &self.labels, self.loss_chunk)?;
-        let value = f64::from(loss.sum.to_scalar::<f32>()?) / loss.tokens.max(1) as f64;
-        p.loss = t.elapsed().as_secs_f64();
-        mem.loss = peak(true);
-        let t = Instant::now();
-        let grads = loss.mean()?.backward()?;
-        drop(loss);
-        drop(hidden);
-        p.backward = t.elapsed().as_secs_f64();
-        mem.backward = peak(true);
-        let t = Instant::now();
+        let lg = self.model.model().loss_and_grads(
+            &self.ids,
+            &self.labels,
+            self.loss_chunk,
+            1.0 / self.ids.elem_count() as f64,
+            recompute,
+        )?;
+        let loss = lg.loss_sum / lg.tokens.max(1) as f64;
         let mut host = Vec::with_capacity(self.vars.len());
         for v in &self.vars {
-            let g = match grads.get(v.as_tensor()) {
+            let g = match lg.grads.get(v.as_tensor()) {
                 Some(g) => g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
                 None => vec![0f32; v.elem_count()],
             };
             host.push(g);
         }
-        drop(grads);
+        drop(lg);
+        let grads_s = t.elapsed().as_secs_f64();
+        let grads_peak = peak();
+        reset_peak_rss();
+        let t = Instant::now();
         let mut refs: Vec<ParamRef<'_>> = self
             .params
             .iter_mut()
@@ -198,15 +173,85 @@ impl Bench {
         for (v, p) in self.vars.iter().zip(&self.params) {
             v.set(&Tensor::from_slice(p, v.dims(), v.device())?)?;
         }
-        p.optimizer = t.elapsed().as_secs_f64();
-        mem.optimizer = peak(false);
+        let optimizer_s = t.elapsed().as_secs_f64();
         self.model.set_training(false);
-        ensure!(value.is_finite(), "loss is {value}");
-        Ok((value, p, mem))
+        ensure!(loss.is_finite(), "loss is {loss}");
+        Ok(Step {
+            loss,
+            grads_s,
+            optimizer_s,
+            grads_peak,
+            optimizer_peak: peak(),
+        })
     }
 }
 
 pub fn run(a: TrainStepBenchArgs) -> Result<()> {
+    match a.recompute {
+        RecomputeArg::Off => run_mode(&a, false).map(drop),
+        RecomputeArg::On => run_mode(&a, true).map(drop),
+        RecomputeArg::Both => run_both(&a),
+    }
+}
+
+/// Both modes, each in a child process of its own: freed memory stays in the allocator's
+/// arenas, so a mode run after another in one process would inherit its resident set.
+fn run_both(a: &TrainStepBenchArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("locate the rupantor binary")?;
+    let mut results = Vec::new();
+    for mode in ["off", "on"] {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["bench", "train-step", "--recompute", mode, "--json"]);
+        if let Some(m) = &a.model {
+            cmd.args(["--model", m]);
+        }
+        for (flag, v) in [
+            ("--batch", a.batch.to_string()),
+            ("--seq", a.seq.to_string()),
+            ("--rank", a.rank.to_string()),
+            ("--steps", a.steps.to_string()),
+            ("--warmup", a.warmup.to_string()),
+            ("--loss-chunk", a.loss_chunk.to_string()),
+            ("--seed", a.seed.to_string()),
+        ] {
+            cmd.args([flag, &v]);
+        }
+        let out = cmd
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("run {}", exe.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (lines, json) = text.trim_end().rsplit_once('\n').unwrap_or(("", &text));
+        println!("{lines}");
+        ensure!(
+            out.status.success(),
+            "bench train-step --recompute {mode} failed ({})",
+            out.status
+        );
+        let v: serde_json::Value = serde_json::from_str(json.trim())
+            .with_context(|| format!("--recompute {mode} printed no JSON summary"))?;
+        results.push(v);
+    }
+    let ratio = |k: &str| {
+        results[1][k].as_f64().unwrap_or(0.0) / results[0][k].as_f64().unwrap_or(f64::NAN)
+    };
+    println!(
+        "recompute on vs off: {:.2}x tokens/s, {:.2}x peak RSS",
+        ratio("tokens_per_s"),
+        ratio("peak_rss_bytes")
+    );
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "impl": "rupantor", "modes": results })
+        );
+    }
+    Ok(())
+}
+
+/// One mode in this process; prints its lines (and, with `--json`, a JSON summary last) and
+/// returns the summary.
+fn run_mode(a: &TrainStepBenchArgs, recompute: bool) -> Result<serde_json::Value> {
     let model_path =
         crate::model_arg::resolve_model(a.model.as_deref().unwrap_or(crate::model_arg::EMBEDDED))?;
     ensure!(
@@ -234,34 +279,16 @@ pub fn run(a: TrainStepBenchArgs) -> Result<()> {
     let cfg = model.model().config().clone();
     let vars = model.vars();
     let trainable: usize = vars.iter().map(|v| v.elem_count()).sum();
-    let specs: Vec<ParamSpec> = vars
-        .iter()
-        .enumerate()
-        .map(|(i, v)| ParamSpec::new(format!("p{i}"), v.elem_count()))
-        .collect();
-    let optimizer = AdamW8bit::new(
-        specs,
-        AdamWConfig {
-            lr: 5e-5,
-            betas: (0.9, 0.999),
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    )?;
-    let params = vars
-        .iter()
-        .map(|v| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
-        .collect::<Result<Vec<_>>>()?;
     let bos = cfg.bos_token_id.unwrap_or(2);
     let ids = token_ids(a.batch, a.seq, cfg.vocab_size, bos, a.seed);
     let ids = Tensor::from_vec(ids, (a.batch, a.seq), &dev)?;
     let labels = ids.to_dtype(DType::I64)?;
-    let load_peak = peak_rss_bytes();
-    let rss_after_load = proc_status_bytes("VmRSS");
-    let reset = reset_peak_rss();
+    let load_peak = peak_rss_bytes().unwrap_or(0);
+    let rss_after_load = proc_status_bytes("VmRSS").unwrap_or(0);
     println!(
         "model {}: {} layers, hidden {}, vocab {}; NF4 base, LoRA r {} alpha {} on {} \
-         projections: {trainable} trainable parameters; loaded in {load_s:.1} s; {} threads",
+         projections: {trainable} trainable parameters; loaded in {load_s:.1} s (peak RSS \
+         {:.2} GiB, {:.2} GiB after); {} threads",
         model_path.display(),
         cfg.num_hidden_layers,
         cfg.hidden_size,
@@ -269,121 +296,109 @@ pub fn run(a: TrainStepBenchArgs) -> Result<()> {
         a.rank,
         2 * a.rank,
         model.adapters().len(),
+        gib(load_peak),
+        gib(rss_after_load),
         candle_core::utils::get_num_threads(),
     );
+    let resettable = reset_peak_rss();
+    if !resettable {
+        println!("(this kernel does not reset VmHWM: the peak RSS includes loading)");
+    }
     let mut bench = Bench {
+        params: vars
+            .iter()
+            .map(|v| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+            .collect::<Result<Vec<_>>>()?,
+        vars: vars.clone(),
+        optimizer: new_optimizer(&vars)?,
         model,
-        vars,
-        params,
-        optimizer,
         ids,
         labels,
         loss_chunk: a.loss_chunk,
     };
-    let mut sum = Phases::default();
-    let mut mem_peak = Phases::default();
+    let mode = if recompute {
+        "recompute on"
+    } else {
+        "recompute off"
+    };
+    let (mut grads_s, mut optimizer_s, mut peak) = (0f64, 0f64, 0u64);
     let mut losses = Vec::new();
     for step in 0..a.warmup + a.steps {
         let timed = step >= a.warmup;
-        let (loss, p, mem) = bench.step(step as u64 + 1)?;
-        losses.push(loss);
-        mem_peak = mem_peak.max(&mem);
+        let s = bench.step(step as u64 + 1, recompute)?;
+        losses.push(s.loss);
+        peak = peak.max(s.grads_peak).max(s.optimizer_peak);
         if timed {
-            sum.add(&p);
+            grads_s += s.grads_s;
+            optimizer_s += s.optimizer_s;
         }
         println!(
-            "step {}{}: loss {loss:.4}, forward {:.2} s, loss {:.2} s, backward {:.2} s, \
-             optimizer {:.3} s{}",
+            "{mode}, step {}{}: loss {:.4}, forward+loss+backward {:.2} s, optimizer {:.3} s, \
+             peak RSS {:.2} GiB",
             step + 1,
             if timed { "" } else { " (warmup)" },
-            p.forward,
-            p.loss,
-            p.backward,
-            p.optimizer,
-            if reset {
-                format!(
-                    "; peak RSS forward {:.2} GiB, loss {:.2} GiB, backward {:.2} GiB, \
-                     optimizer {:.2} GiB",
-                    mem.forward / GIB,
-                    mem.loss / GIB,
-                    mem.backward / GIB,
-                    mem.optimizer / GIB
-                )
-            } else {
-                String::new()
-            }
+            s.loss,
+            s.grads_s,
+            s.optimizer_s,
+            gib(s.grads_peak.max(s.optimizer_peak)),
         );
     }
-    let per_step = sum.scaled(1.0 / a.steps as f64);
-    let total = sum.total();
-    let tokens = a.batch * a.seq * a.steps;
-    let tps = tokens as f64 / total;
-    let peak = (peak_rss_bytes().context("no VmHWM in /proc/self/status")? as f64)
-        .max(mem_peak.forward)
-        .max(mem_peak.loss)
-        .max(mem_peak.backward)
-        .max(mem_peak.optimizer) as u64;
-    let process_peak = peak.max(load_peak.unwrap_or(0));
-    let pct = |x: f64| 100.0 * x / per_step.total();
+    // Where VmHWM cannot be reset, the process's high-water mark is all there is.
+    let peak = peak.max(peak_rss_bytes().unwrap_or(0) * u64::from(!resettable));
+    let total = grads_s + optimizer_s;
+    let tps = (a.batch * a.seq * a.steps) as f64 / total;
     println!(
-        "rupantor QLoRA train step: {tps:.1} tokens/s ({} x {} tokens, {:.2} s/step over {} \
-         steps: forward {:.0}%, loss (lm_head fwd+bwd) {:.0}%, backward {:.0}%, optimizer \
-         {:.0}%); peak RSS {:.2} GiB (after load {:.2} GiB{}); optimizer state {:.3} bytes/param",
+        "rupantor QLoRA train step, {mode}: {tps:.1} tokens/s ({} x {} tokens, {:.2} s/step \
+         over {} steps, optimizer {:.1}%); peak RSS {:.2} GiB; optimizer state {:.3} \
+         bytes/param",
         a.batch,
         a.seq,
-        per_step.total(),
+        total / a.steps as f64,
         a.steps,
-        pct(per_step.forward),
-        pct(per_step.loss),
-        pct(per_step.backward),
-        pct(per_step.optimizer),
-        gib(process_peak),
-        gib(rss_after_load.unwrap_or(0)),
-        if reset {
-            format!(", during the steps {:.2} GiB", gib(peak))
-        } else {
-            String::new()
-        },
+        100.0 * optimizer_s / total,
+        gib(peak),
         bench.optimizer.state_bytes_per_param(),
     );
+    let summary = serde_json::json!({
+        "impl": "rupantor",
+        "recompute": recompute,
+        "batch": a.batch,
+        "seq": a.seq,
+        "rank": a.rank,
+        "steps": a.steps,
+        "loss_chunk": a.loss_chunk,
+        "tokens_per_s": tps,
+        "s_per_step": total / a.steps as f64,
+        "optimizer_s_per_step": optimizer_s / a.steps as f64,
+        "peak_rss_bytes": peak,
+        "load_peak_rss_bytes": load_peak,
+        "rss_after_load_bytes": rss_after_load,
+        "trainable_params": trainable,
+        "optimizer_state_bytes_per_param": bench.optimizer.state_bytes_per_param(),
+        "losses": losses,
+        "threads": candle_core::utils::get_num_threads(),
+    });
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "impl": "rupantor",
-                "batch": a.batch,
-                "seq": a.seq,
-                "rank": a.rank,
-                "steps": a.steps,
-                "tokens_per_s": tps,
-                "s_per_step": per_step.total(),
-                "phases_s_per_step": {
-                    "forward": per_step.forward,
-                    "loss": per_step.loss,
-                    "backward": per_step.backward,
-                    "optimizer": per_step.optimizer,
-                },
-                "peak_rss_bytes": process_peak,
-                "rss_after_load_bytes": rss_after_load,
-                "step_peak_rss_bytes": if reset { Some(peak) } else { None },
-                "phase_peak_rss_bytes": if reset {
-                    Some(serde_json::json!({
-                        "forward": mem_peak.forward,
-                        "loss": mem_peak.loss,
-                        "backward": mem_peak.backward,
-                        "optimizer": mem_peak.optimizer,
-                    }))
-                } else {
-                    None
-                },
-                "trainable_params": trainable,
-                "optimizer_state_bytes_per_param": bench.optimizer.state_bytes_per_param(),
-                "losses": losses,
-                "threads": candle_core::utils::get_num_threads(),
-            })
-        );
+        println!("{summary}");
     }
-    Ok(())
+    Ok(summary)
+}
+
+fn new_optimizer(vars: &[Var]) -> Result<AdamW8bit> {
+    let specs: Vec<ParamSpec> = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| ParamSpec::new(format!("p{i}"), v.elem_count()))
+        .collect();
+    AdamW8bit::new(
+        specs,
+        AdamWConfig {
+            lr: 5e-5,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )
 }
 
 #[cfg(test)]

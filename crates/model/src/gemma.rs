@@ -4,6 +4,7 @@
 //! index_select): candle-nn's fused `softmax_last_dim`, `rms_norm` and `rope` kernels have none
 //! and would silently cut the gradient, so softmax, RMSNorm and RoPE are composed by hand.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
 use crate::config::{Arch, ModelConfig};
@@ -539,6 +540,10 @@ impl DecoderLayer {
         x + self.post_feedforward_layernorm.forward(&h)?
     }
 
+    fn replay_dropout(&self) {
+        self.linears().iter().for_each(|l| l.replay_dropout());
+    }
+
     fn linears(&self) -> [&dyn Linear; 7] {
         [
             self.attn.q_proj.as_ref(),
@@ -760,6 +765,71 @@ impl Gemma {
         )
     }
 
+    /// The summed next-token loss of a training batch and the gradients of `scale` times that
+    /// sum w.r.t. every trainable variable. `input_ids` is `[batch, seq]` from position 0 with
+    /// no cache and no attention mask (a right-padded batch hides its padding in `labels`);
+    /// `labels` and `chunk` as [`Gemma::chunked_lm_loss`].
+    ///
+    /// With `recompute` (activation checkpointing) the forward pass keeps only each layer's
+    /// input. The backward pass then walks the layers from the last: it runs the layer's
+    /// forward again from its kept input, with the dropout masks of the first pass replayed
+    /// ([`Linear::replay_dropout`]), and back-propagates the gradient of the layer's output
+    /// through it, `d/dx sum(layer(x) * g)`. So one layer's autograd graph exists at a time
+    /// instead of all of them, for one extra forward pass; the gradients are those of the
+    /// plain path.
+    pub fn loss_and_grads(
+        &self,
+        input_ids: &Tensor,
+        labels: &Tensor,
+        chunk: usize,
+        scale: f64,
+        recompute: bool,
+    ) -> Result<LossGrads> {
+        if !recompute {
+            let hidden = self.forward_hidden(input_ids, 0, None, None)?;
+            let loss = self.chunked_lm_loss(&hidden, labels, chunk)?;
+            let mut all = (&loss.sum * scale)?.backward()?;
+            return LossGrads::new(&loss, take_grads(&self.trainable_vars(), &mut all));
+        }
+        let inputs = self.layer_inputs(input_ids, 0, 0, None, None, None)?;
+        // Forward: each layer's graph is dropped as soon as its output is detached.
+        let mut layer_inputs = Vec::with_capacity(self.layers.len());
+        let mut x = inputs.embedded.clone();
+        for layer in &self.layers {
+            layer.replay_dropout();
+            let y = inputs.forward(layer, &x, None)?.detach();
+            layer_inputs.push(std::mem::replace(&mut x, y));
+        }
+        let top = Var::from_tensor(&x)?;
+        let loss = self.chunked_lm_loss(&self.norm.forward(top.as_tensor())?, labels, chunk)?;
+        let mut grads = GradStore::default();
+        let mut grad_out = (&loss.sum * scale)?.backward()?.remove(top.as_tensor());
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            // No position reached the loss (every label ignored): no gradient anywhere.
+            let Some(g) = grad_out.take() else { break };
+            let kept = layer_inputs.pop().expect("one kept input per layer");
+            // The embeddings are frozen: the first layer needs no input gradient.
+            let input = if i == 0 {
+                kept
+            } else {
+                Var::from_tensor(&kept)?.into_inner()
+            };
+            layer.replay_dropout();
+            let y = inputs.forward(layer, &input, None)?;
+            let mut local = (y * g)?.sum_all()?.backward()?;
+            if i > 0 {
+                grad_out = local.remove(&input);
+            }
+            let vars: Vec<Var> = layer
+                .linears()
+                .iter()
+                .flat_map(|l| l.trainable_vars())
+                .collect();
+            grads.extend(take_grads(&vars, &mut local))?;
+        }
+        LossGrads::new(&loss, grads)
+    }
+
     /// Logits `[batch, seq, vocab]` for every position.
     ///
     /// * `input_ids`: `[batch, seq]`, u32 (or any index dtype candle accepts).
@@ -867,6 +937,44 @@ impl Gemma {
             }
             None => (0, None),
         };
+        let inputs = self.layer_inputs(
+            input_ids,
+            start_pos,
+            past,
+            plans.as_ref(),
+            left_pad,
+            attention_mask,
+        )?;
+        let mut x = inputs.embedded.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = match (cache.as_mut(), &plans) {
+                (Some(c), Some((full, sliding))) => Some((
+                    &mut c.layers[i],
+                    if layer.sliding { *sliding } else { *full },
+                )),
+                _ => None,
+            };
+            x = inputs.forward(layer, &x, slot)?;
+        }
+        if let Some(c) = cache {
+            c.len = past + input_ids.dim(1)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// The scaled embeddings of `input_ids`, the two attention masks and the RoPE tables of one
+    /// call; `past` cached positions precede it, read back as `plans` say (none without a
+    /// cache).
+    fn layer_inputs(
+        &self,
+        input_ids: &Tensor,
+        start_pos: usize,
+        past: usize,
+        plans: Option<&(KvPlan, KvPlan)>,
+        left_pad: Option<&[usize]>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<LayerInputs> {
+        let (b, s) = input_ids.dims2()?;
         let kv_len = past + s;
         let keep = match attention_mask {
             Some(m) => {
@@ -885,7 +993,7 @@ impl Gemma {
         // Key columns: without a cache, this call's tokens; with one, what each kind of layer
         // reads back from it.
         let key_offset = start_pos - past;
-        let (full_keys, sliding_keys) = match &plans {
+        let (full_keys, sliding_keys) = match plans {
             Some((full, sliding)) => (full.key_positions(), sliding.key_positions()),
             None => {
                 let keys: Vec<usize> = (key_offset..key_offset + kv_len).collect();
@@ -905,7 +1013,7 @@ impl Gemma {
             )
         };
         let full_mask = mask_for(&full_keys, None)?;
-        let sliding_mask = mask_for(&sliding_keys, Some(window))?;
+        let sliding_mask = mask_for(&sliding_keys, Some(self.cfg.sliding_window))?;
         let tables = self
             .ropes
             .iter()
@@ -920,31 +1028,77 @@ impl Gemma {
             .collect::<Result<Vec<_>>>()?;
 
         let ids = input_ids.flatten_all()?;
-        let mut x =
+        let embedded =
             (self
                 .embed_tokens
                 .index_select(&ids, 0)?
                 .reshape((b, s, self.cfg.hidden_size))?
                 * self.embed_scale)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mask = if layer.sliding {
-                &sliding_mask
-            } else {
-                &full_mask
-            };
-            let slot = match (cache.as_mut(), &plans) {
-                (Some(c), Some((full, sliding))) => Some((
-                    &mut c.layers[i],
-                    if layer.sliding { *sliding } else { *full },
-                )),
-                _ => None,
-            };
-            x = layer.forward(&x, &tables[layer.rope], mask, slot)?;
+        Ok(LayerInputs {
+            embedded,
+            full_mask,
+            sliding_mask,
+            tables,
+        })
+    }
+}
+
+/// What [`Gemma::loss_and_grads`] returns.
+#[derive(Debug)]
+pub struct LossGrads {
+    /// The summed next-token loss (not scaled).
+    pub loss_sum: f64,
+    /// Positions the loss covers.
+    pub tokens: usize,
+    /// The gradients of the trainable variables, and nothing else (a variable no loss
+    /// position reached has none).
+    pub grads: GradStore,
+}
+
+impl LossGrads {
+    fn new(loss: &LmLoss, grads: GradStore) -> Result<Self> {
+        Ok(Self {
+            loss_sum: f64::from(loss.sum.to_scalar::<f32>()?),
+            tokens: loss.tokens,
+            grads,
+        })
+    }
+}
+
+/// The gradients of `vars` taken out of `all` (which also holds every intermediate's).
+fn take_grads(vars: &[Var], all: &mut GradStore) -> GradStore {
+    let mut kept = GradStore::default();
+    for v in vars {
+        if let Some(g) = all.remove(v.as_tensor()) {
+            kept.insert(v.as_tensor(), g);
         }
-        if let Some(c) = cache {
-            c.len = kv_len;
-        }
-        self.norm.forward(&x)
+    }
+    kept
+}
+
+/// What every decoder layer of one forward call reads besides its input.
+struct LayerInputs {
+    /// `[batch, seq, hidden]`, the first layer's input.
+    embedded: Tensor,
+    full_mask: Tensor,
+    sliding_mask: Tensor,
+    /// (cos, sin) per RoPE kind (global, local).
+    tables: Vec<(Tensor, Tensor)>,
+}
+
+impl LayerInputs {
+    fn forward(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        cache: Option<(&mut Option<LayerKv>, KvPlan)>,
+    ) -> Result<Tensor> {
+        let mask = if layer.sliding {
+            &self.sliding_mask
+        } else {
+            &self.full_mask
+        };
+        layer.forward(x, &self.tables[layer.rope], mask, cache)
     }
 }
 

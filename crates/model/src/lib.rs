@@ -17,7 +17,7 @@ pub mod tokenizer;
 pub use config::{
     Arch, ConfigError, GemmaConfig, LayerConfig, ModelConfig, Quantization, QuantizationConfig,
 };
-pub use gemma::{Gemma, KvCache, LayerWeights};
+pub use gemma::{Gemma, KvCache, LayerWeights, LossGrads};
 pub use generate::{generate, generate_until, GenStats, GenerateConfig, Generation, StopReason};
 pub use gguf::{GgmlType, GgufError, GgufFile, GgufGemma, GgufTensorInfo, GgufValue};
 pub use linear::{

@@ -70,6 +70,10 @@ pub trait Linear: std::fmt::Debug + Send + Sync {
     fn input_grad(&self, dy: &Tensor) -> Result<Tensor>;
     /// Switches train-mode behaviour (LoRA dropout); layers without any ignore it.
     fn set_training(&self, _training: bool) {}
+    /// Makes the next train-mode forward passes draw the dropout masks of the current clock
+    /// tick from the start again (see [`crate::LoraAdapter::replay_dropout`]); layers without
+    /// dropout ignore it.
+    fn replay_dropout(&self) {}
 }
 
 /// A weight that arrives already in NF4 (a bitsandbytes 4-bit checkpoint); `weight.shape` is

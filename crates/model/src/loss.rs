@@ -10,8 +10,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage,
-    Tensor, D,
+    CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Result, Shape,
+    Storage, Tensor, D,
 };
 
 use crate::linear::Linear;
@@ -96,39 +96,21 @@ pub fn chunked_lm_loss(
     let tokens = rows.len();
     let need_grad = hidden.track_op();
     let flat = hidden.detach().reshape((b * s, h))?;
-    let vocab_ids = Tensor::arange(0u32, vocab as u32, dev)?.unsqueeze(0)?;
 
     let mut sum = 0f64;
     let mut grads = Vec::new();
     for (row_ids, target_ids) in rows.chunks(chunk).zip(targets.chunks(chunk)) {
         let m = row_ids.len();
         let row_ids = Tensor::from_slice(row_ids, m, dev)?;
-        let target_ids = Tensor::from_slice(target_ids, (m, 1), dev)?;
         let x = flat.index_select(&row_ids, 0)?.to_dtype(DType::F32)?;
         let z = head.forward(&x)?.to_dtype(DType::F32)?;
-        let (logits, tanh) = match softcap {
-            Some(c) => {
-                let t = (z / c)?.tanh()?;
-                ((&t * c)?, Some(t))
-            }
-            None => (z, None),
+        let (nll, dz) = if dev.is_cpu() {
+            xent_fused_cpu(&z, target_ids, softcap, need_grad)?
+        } else {
+            xent_composed(&z, target_ids, softcap, need_grad)?
         };
-        let max = logits.max_keepdim(D::Minus1)?;
-        let exp = logits.broadcast_sub(&max)?.exp()?;
-        let sum_exp = exp.sum_keepdim(D::Minus1)?;
-        let lse = (sum_exp.log()? + &max)?;
-        let onehot = target_ids.broadcast_eq(&vocab_ids)?.to_dtype(DType::F32)?;
-        let target_logit = (&logits * &onehot)?.sum_keepdim(D::Minus1)?;
-        sum += (lse - target_logit)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        if need_grad {
-            // d nll / d logits = softmax - onehot; through the softcap, times 1 - tanh^2.
-            let mut dz = (exp.broadcast_div(&sum_exp)? - onehot)?;
-            if let Some(t) = tanh {
-                dz = (dz * (1.0 - t.sqr()?)?)?;
-            }
+        sum += nll;
+        if let Some(dz) = dz {
             grads.push(head.input_grad(&dz)?.to_dtype(DType::F32)?);
         }
     }
@@ -144,6 +126,140 @@ pub fn chunked_lm_loss(
     let grad = grad.reshape((b, s, h))?;
     let sum = hidden.apply_op1(PrecomputedLoss { value, grad })?;
     Ok(LmLoss { sum, tokens })
+}
+
+/// The summed NLL of `targets` under `z` (`[m, vocab]` f32 logits, before the softcap) and,
+/// with `grad`, its gradient w.r.t. `z`, through candle's ops: about seven `[m, vocab]`
+/// temporaries. The device-independent path, and the reference the CPU kernel is tested
+/// against.
+fn xent_composed(
+    z: &Tensor,
+    targets: &[u32],
+    softcap: Option<f64>,
+    grad: bool,
+) -> Result<(f64, Option<Tensor>)> {
+    let (m, vocab) = z.dims2()?;
+    let dev = z.device();
+    let (logits, tanh) = match softcap {
+        Some(c) => {
+            let t = (z / c)?.tanh()?;
+            ((&t * c)?, Some(t))
+        }
+        None => (z.clone(), None),
+    };
+    let max = logits.max_keepdim(D::Minus1)?;
+    let exp = logits.broadcast_sub(&max)?.exp()?;
+    let sum_exp = exp.sum_keepdim(D::Minus1)?;
+    let lse = (sum_exp.log()? + &max)?;
+    let vocab_ids = Tensor::arange(0u32, vocab as u32, dev)?.unsqueeze(0)?;
+    let target_ids = Tensor::from_slice(targets, (m, 1), dev)?;
+    let onehot = target_ids.broadcast_eq(&vocab_ids)?.to_dtype(DType::F32)?;
+    let target_logit = (&logits * &onehot)?.sum_keepdim(D::Minus1)?;
+    let nll = (lse - target_logit)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    if !grad {
+        return Ok((nll, None));
+    }
+    // d nll / d logits = softmax - onehot; through the softcap, times 1 - tanh^2.
+    let mut dz = (exp.broadcast_div(&sum_exp)? - onehot)?;
+    if let Some(t) = tanh {
+        dz = (dz * (1.0 - t.sqr()?)?)?;
+    }
+    Ok((nll, Some(dz)))
+}
+
+/// [`xent_composed`] as one pass per row on the host: the gradient is written into the one
+/// output buffer, so a chunk costs one `[m, vocab]` temporary besides `z` instead of seven
+/// (at 256 positions and Gemma's 262,144-word vocabulary each is 256 MiB), and the rows are
+/// split across candle's threads.
+fn xent_fused_cpu(
+    z: &Tensor,
+    targets: &[u32],
+    softcap: Option<f64>,
+    grad: bool,
+) -> Result<(f64, Option<Tensor>)> {
+    let (m, vocab) = z.dims2()?;
+    let z = z.contiguous()?;
+    let (storage, layout) = z.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+        candle_core::bail!("fused cross-entropy needs f32 logits on the CPU");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused cross-entropy needs contiguous logits");
+    };
+    let z = &data[start..end];
+    let mut out = vec![0f32; if grad { m * vocab } else { 0 }];
+    let threads = candle_core::utils::get_num_threads().clamp(1, m.max(1));
+    let rows_per = m.div_ceil(threads);
+    let nll: f64 = std::thread::scope(|scope| {
+        let mut out_rows = out.chunks_mut(if grad { rows_per * vocab } else { 1 });
+        let handles: Vec<_> = (0..threads)
+            .map(|k| {
+                let r0 = (k * rows_per).min(m);
+                let r1 = ((k + 1) * rows_per).min(m);
+                let out = if grad { out_rows.next() } else { None };
+                scope.spawn(move || {
+                    let mut nll = 0f64;
+                    let mut row_buf = Vec::new();
+                    let mut out = out;
+                    for r in r0..r1 {
+                        let zr = &z[r * vocab..(r + 1) * vocab];
+                        let dz = match out.as_deref_mut() {
+                            Some(o) => &mut o[(r - r0) * vocab..(r - r0 + 1) * vocab],
+                            None => {
+                                row_buf.resize(vocab, 0f32);
+                                &mut row_buf[..]
+                            }
+                        };
+                        nll += xent_row(zr, targets[r] as usize, softcap, grad, dz);
+                    }
+                    nll
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("xent worker"))
+            .sum()
+    });
+    let dz = if grad {
+        Some(Tensor::from_vec(out, (m, vocab), &Device::Cpu)?)
+    } else {
+        None
+    };
+    Ok((nll, dz))
+}
+
+/// One row of [`xent_fused_cpu`]: returns the row's NLL; `dz` (the row's length) ends as the
+/// gradient when `grad`, and is scratch otherwise.
+fn xent_row(z: &[f32], target: usize, softcap: Option<f64>, grad: bool, dz: &mut [f32]) -> f64 {
+    // The capped logits, `c * tanh(z / c)`.
+    match softcap {
+        Some(c) => {
+            let c = c as f32;
+            for (l, &x) in dz.iter_mut().zip(z) {
+                *l = c * (x / c).tanh();
+            }
+        }
+        None => dz.copy_from_slice(z),
+    }
+    let max = dz.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let sum_exp: f64 = dz.iter().map(|&l| f64::from((l - max).exp())).sum();
+    let lse = sum_exp.ln() as f32 + max;
+    let nll = f64::from(lse - dz[target]);
+    if grad {
+        for (j, l) in dz.iter_mut().enumerate() {
+            let mut g = (*l - lse).exp() - if j == target { 1.0 } else { 0.0 };
+            if let Some(c) = softcap {
+                let t = *l / c as f32;
+                g *= 1.0 - t * t;
+            }
+            *l = g;
+        }
+    }
+    nll
 }
 
 /// A scalar whose value and gradient w.r.t. its input were computed beforehand.
@@ -205,7 +321,7 @@ impl CustomOp1 for PrecomputedLoss {
 mod tests {
     use super::*;
     use crate::linear::DenseLinear;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     fn filled(shape: &[usize], seed: u64, scale: f32) -> Tensor {
         let n: usize = shape.iter().product();
@@ -299,6 +415,27 @@ mod tests {
                     "softcap {softcap:?}, chunk {chunk}: grad off by {dg}"
                 );
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_fused_cpu_kernel_equals_candles_ops() -> Result<()> {
+        // 5 rows over 2 threads (an uneven split), logits up to +-40 so the softcap bites.
+        let (m, vocab) = (5, 1000);
+        let z = filled(&[m, vocab], 9, 40.0);
+        let targets = [0u32, 999, 17, 500, 17];
+        for softcap in [None, Some(30.0)] {
+            let (want, want_dz) = xent_composed(&z, &targets, softcap, true)?;
+            let (got, got_dz) = xent_fused_cpu(&z, &targets, softcap, true)?;
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs(),
+                "{softcap:?}: {got} vs {want}"
+            );
+            let d = max_abs_diff(&got_dz.unwrap(), &want_dz.unwrap());
+            assert!(d < 1e-6, "{softcap:?}: gradient off by {d}");
+            let (no_grad, dz) = xent_fused_cpu(&z, &targets, softcap, false)?;
+            assert_eq!((no_grad, dz.is_none()), (got, true));
         }
         Ok(())
     }

@@ -400,40 +400,36 @@ impl DropoutClock {
     }
 }
 
-/// Where an adapter's dropout masks come from.
+/// Where an adapter's dropout masks come from: a stream per tick of a [`DropoutClock`], derived
+/// from `seed` and the tick and started at the first mask drawn in that tick.
 #[derive(Debug)]
-enum DropoutStream {
-    /// One stream for the adapter's lifetime.
-    Continuous(SplitMix64),
-    /// A stream per clock tick, derived from `seed` and the tick.
-    Clocked {
-        clock: DropoutClock,
-        seed: u64,
-        tick: Option<u64>,
-        rng: SplitMix64,
-    },
+struct DropoutStream {
+    clock: DropoutClock,
+    seed: u64,
+    /// The tick `rng` was started for; `None` starts it again at the next mask.
+    tick: Option<u64>,
+    rng: SplitMix64,
 }
 
 impl DropoutStream {
-    /// The generator for the next mask (re-seeded when the clock has moved).
-    fn rng(&mut self) -> &mut SplitMix64 {
-        match self {
-            DropoutStream::Continuous(rng) => rng,
-            DropoutStream::Clocked {
-                clock,
-                seed,
-                tick,
-                rng,
-            } => {
-                let now = clock.get();
-                if *tick != Some(now) {
-                    let mut mix = SplitMix64(*seed ^ now.wrapping_mul(0xD6E8_FEB8_6659_FD93));
-                    *rng = SplitMix64(mix.next_u64());
-                    *tick = Some(now);
-                }
-                rng
-            }
+    fn new(clock: DropoutClock, seed: u64) -> Self {
+        Self {
+            clock,
+            seed,
+            tick: None,
+            rng: SplitMix64(0),
         }
+    }
+
+    /// The generator for the next mask (started again when the clock has moved).
+    fn rng(&mut self) -> &mut SplitMix64 {
+        let now = self.clock.get();
+        if self.tick != Some(now) {
+            let mut mix = SplitMix64(self.seed ^ now.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+            self.rng = SplitMix64(mix.next_u64());
+            self.tick = Some(now);
+        }
+        &mut self.rng
     }
 }
 
@@ -493,24 +489,27 @@ impl LoraAdapter {
             b,
             scale,
             dropout,
-            stream: Mutex::new(DropoutStream::Continuous(SplitMix64(seed))),
+            // An own clock that nobody moves: one stream for the adapter's lifetime.
+            stream: Mutex::new(DropoutStream::new(DropoutClock::default(), seed)),
         })
     }
 
     /// Draws the dropout masks from a stream per tick of `clock` (see [`DropoutClock`]),
     /// seeded by `seed` and the tick, instead of one stream for the adapter's lifetime.
     pub fn with_dropout_clock(mut self, clock: DropoutClock, seed: u64) -> Self {
-        self.stream = Mutex::new(DropoutStream::Clocked {
-            clock,
-            seed,
-            tick: None,
-            rng: SplitMix64(0),
-        });
+        self.stream = Mutex::new(DropoutStream::new(clock, seed));
         self
     }
 
     pub fn rank(&self) -> usize {
         self.a.dims()[0]
+    }
+
+    /// Starts this tick's mask stream again, so the next forward passes draw the masks the
+    /// previous ones drew since the tick was set: a forward recomputed for the backward pass
+    /// (activation checkpointing) must see the masks the first one saw.
+    pub fn replay_dropout(&self) {
+        self.stream.lock().expect("dropout stream poisoned").tick = None;
     }
 
     /// Inverted dropout on `x` (PEFT's `nn.Dropout`): zero with probability p, scale the rest
@@ -691,6 +690,12 @@ impl Linear for QLoraLinear {
 
     fn set_training(&self, training: bool) {
         self.training.store(training, Ordering::Relaxed);
+    }
+
+    fn replay_dropout(&self) {
+        if let Some(l) = &self.lora {
+            l.replay_dropout();
+        }
     }
 }
 

@@ -177,6 +177,11 @@ impl Linear for LoraLinear {
         self.training.store(training, Ordering::Relaxed);
         self.base.set_training(training);
     }
+
+    fn replay_dropout(&self) {
+        self.lora.replay_dropout();
+        self.base.replay_dropout();
+    }
 }
 
 /// Builds the trainable model while the checkpoint streams in: each projection becomes a

@@ -95,6 +95,11 @@ pub struct TrainConfig {
     pub clip: f32,
     /// Positions per logits chunk in the loss.
     pub loss_chunk: usize,
+    /// Activation checkpointing: the forward pass keeps only each decoder layer's input and
+    /// the backward pass runs each layer again (see `Gemma::loss_and_grads`). About a third
+    /// more compute for a fraction of the activation memory; PEFT's k-bit preparation turns
+    /// gradient checkpointing on by default too.
+    pub recompute: bool,
     // Data
     pub max_len: usize,
     pub visible_tests: bool,
@@ -139,6 +144,7 @@ impl Default for TrainConfig {
             grad_accum: 4,
             clip: 1.0,
             loss_chunk: 256,
+            recompute: true,
             max_len: 1024,
             visible_tests: false,
             val_fraction: 0.1,
@@ -232,14 +238,19 @@ impl TrainConfig {
     }
 
     /// The settings a checkpoint must agree on to be resumed (everything that changes the
-    /// numbers; not `max_steps`, `resume`, `progress` or the recorded model name).
+    /// numbers; not `max_steps`, `resume`, `progress`, the recorded model name or `recompute`,
+    /// whose gradients are the plain path's).
     fn fingerprint(&self) -> serde_json::Value {
         let mut c = self.clone();
         c.max_steps = None;
         c.resume = false;
         c.progress = false;
         c.model = None;
-        serde_json::to_value(c).expect("config is plain data")
+        let mut v = serde_json::to_value(c).expect("config is plain data");
+        v.as_object_mut()
+            .expect("config is a struct")
+            .remove("recompute");
+        v
     }
 }
 
@@ -753,18 +764,19 @@ impl<'a> Run<'a> {
             tokens += batch.tokens;
             let dev = self.model.model().device();
             let (ids, labels) = batch.tensors(dev)?;
-            let hidden = self.model.model().forward_hidden(&ids, 0, None, None)?;
-            let loss = self
-                .model
-                .model()
-                .chunked_lm_loss(&hidden, &labels, self.cfg.loss_chunk)?;
-            let value = f64::from(loss.sum.to_scalar::<f32>()?);
-            if !value.is_finite() {
+            let lg = self.model.model().loss_and_grads(
+                &ids,
+                &labels,
+                self.cfg.loss_chunk,
+                1.0 / denom,
+                self.cfg.recompute,
+            )?;
+            if !lg.loss_sum.is_finite() {
                 self.model.set_training(false);
-                return Err(self.diverged(step, k + 1, &batch.problems, "loss", value));
+                return Err(self.diverged(step, k + 1, &batch.problems, "loss", lg.loss_sum));
             }
-            loss_sum += value;
-            let g = (&loss.sum / denom)?.backward()?;
+            loss_sum += lg.loss_sum;
+            let g = lg.grads;
             for (acc, v) in grads.iter_mut().zip(&self.vars) {
                 let Some(t) = g.get(v.as_tensor()) else {
                     continue; // no loss token reached this adapter

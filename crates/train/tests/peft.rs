@@ -192,25 +192,105 @@ fn lora_gradients_equal_peft_and_no_frozen_weight_gets_one() {
             );
         }
 
-        let mut worst = 0f32;
-        let mut seen = 0;
-        for a in m.adapters() {
-            for (half, var) in [(Half::A, &a.a), (Half::B, &a.b)] {
-                let key = peft_key(a.layer.unwrap(), a.role, half);
-                let want = &expected[&format!("grad.{key}")];
-                let got = grads.get(var.as_tensor()).unwrap();
-                let rel = max_abs_diff(got, want) / max_abs(want);
-                assert!(
-                    rel < 1e-4,
-                    "{name}: d {key} differs by {rel:.2e} (relative)"
-                );
-                worst = worst.max(rel);
-                seen += 1;
+        let compare = |what: &str, grads: &candle_core::backprop::GradStore| {
+            let mut worst = 0f32;
+            let mut seen = 0;
+            for a in m.adapters() {
+                for (half, var) in [(Half::A, &a.a), (Half::B, &a.b)] {
+                    let key = peft_key(a.layer.unwrap(), a.role, half);
+                    let want = &expected[&format!("grad.{key}")];
+                    let got = grads.get(var.as_tensor()).unwrap();
+                    let rel = max_abs_diff(got, want) / max_abs(want);
+                    assert!(
+                        rel < 1e-4,
+                        "{name} {what}: d {key} differs by {rel:.2e} (relative)"
+                    );
+                    worst = worst.max(rel);
+                    seen += 1;
+                }
             }
+            let fixture_grads = expected.keys().filter(|k| k.starts_with("grad.")).count();
+            assert_eq!(seen, fixture_grads, "{name}: every PEFT gradient compared");
+            eprintln!("{name} {what}: {seen} LoRA gradients within {worst:.2e} relative of PEFT's");
+        };
+        compare("autograd", &grads);
+        // The trainer's entry point, plain and with per-layer activation recompute.
+        for recompute in [false, true] {
+            let lg = m
+                .model()
+                .loss_and_grads(&ids, &labels, 7, 1.0 / loss.tokens as f64, recompute)
+                .unwrap();
+            assert_eq!(lg.tokens, loss.tokens);
+            let rel = ((lg.loss_sum / lg.tokens as f64) as f32 - want_loss).abs() / want_loss;
+            assert!(
+                rel < 1e-5,
+                "{name} recompute {recompute}: loss off by {rel:.2e}"
+            );
+            assert_eq!(
+                lg.grads.get_ids().count(),
+                vars.len(),
+                "only LoRA gradients kept"
+            );
+            compare(&format!("loss_and_grads(recompute {recompute})"), &lg.grads);
         }
-        let fixture_grads = expected.keys().filter(|k| k.starts_with("grad.")).count();
-        assert_eq!(seen, fixture_grads, "{name}: every PEFT gradient compared");
-        eprintln!("{name}: {seen} LoRA gradients within {worst:.2e} relative of PEFT's");
+    }
+}
+
+/// Activation recompute replays the dropout masks: with dropout on, its gradients are the
+/// plain path's (the same ops in the same order; only candle's accumulation order inside the
+/// backward may differ), and a second micro-batch (the next clock tick) draws other masks.
+#[test]
+fn recompute_replays_dropout_and_matches_the_plain_gradients() {
+    for name in MODELS {
+        let expected = load(&peft_dir(name).join("expected.safetensors"));
+        let ids = ids_of(&expected);
+        let labels = expected["labels"].to_dtype(DType::I64).unwrap();
+        let mut s = spec(BaseFormat::Nf4);
+        s.lora.dropout = 0.3;
+        let m = LoraModel::load(&tiny(name), &Device::Cpu, s).unwrap();
+        load_adapter_weights(&peft_dir(name).join("peft_written"), m.adapters()).unwrap();
+        m.set_training(true);
+        let run = |tick: u64, recompute: bool| {
+            m.set_dropout_clock(tick);
+            m.model()
+                .loss_and_grads(&ids, &labels, 5, 0.01, recompute)
+                .unwrap()
+        };
+        let plain = run(1, false);
+        let again = run(1, true);
+        let other = run(2, true);
+        assert_eq!(
+            plain.loss_sum, again.loss_sum,
+            "{name}: same masks, same loss"
+        );
+        assert_ne!(
+            plain.loss_sum, other.loss_sum,
+            "{name}: a new tick draws new masks"
+        );
+        let mut worst = 0f32;
+        for v in m.vars() {
+            let (p, r) = (
+                plain.grads.get(v.as_tensor()).unwrap(),
+                again.grads.get(v.as_tensor()).unwrap(),
+            );
+            let rel = max_abs_diff(p, r) / max_abs(p).max(f32::MIN_POSITIVE);
+            worst = worst.max(rel);
+        }
+        assert!(
+            worst < 1e-5,
+            "{name}: recompute gradients differ by {worst:.2e}"
+        );
+
+        // No loss position: zero loss, every gradient zero (or absent), and no error.
+        let ignored = labels.ones_like().unwrap().affine(0.0, -100.0).unwrap();
+        let none = m
+            .model()
+            .loss_and_grads(&ids, &ignored, 5, 1.0, true)
+            .unwrap();
+        assert_eq!((none.tokens, none.loss_sum), (0, 0.0));
+        for id in none.grads.get_ids() {
+            assert_eq!(max_abs(none.grads.get_id(*id).unwrap()), 0.0, "{name}");
+        }
     }
 }
 
