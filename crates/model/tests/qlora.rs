@@ -27,10 +27,11 @@ use rupantor_quant::Nf4Tensor;
 /// measured here. Bounds carry 1.5x headroom over the measurement.
 const NF4_BOUNDS: [(&str, f32, f32); 2] = [("gemma2", 2.5, 0.37), ("gemma3", 2.75, 0.5)];
 
-fn qlora(name: &str, seed: u64) -> (Gemma, QLoraBuilder) {
+fn qlora(name: &str, seed: u64, dropout: f32) -> (Gemma, QLoraBuilder) {
     let mut builder = QLoraBuilder::new(&Device::Cpu);
     builder.rank = 4;
     builder.alpha = 8.0;
+    builder.dropout = dropout;
     builder.seed = seed;
     let m = load_gemma_with(&fixture(name), &Device::Cpu, &mut builder).unwrap();
     (m, builder)
@@ -43,7 +44,7 @@ fn input_ids(name: &str) -> Tensor {
 #[test]
 fn nf4_logits_stay_within_the_stated_bound_of_hf() {
     for (name, max_bound, mean_bound) in NF4_BOUNDS {
-        let (m, builder) = qlora(name, 0);
+        let (m, builder) = qlora(name, 0, 0.05);
         assert_eq!(builder.adapters().len(), 7 * m.config().num_hidden_layers);
         let logits = m.forward(&input_ids(name), 0, None, None).unwrap();
         let want = &reference(name)["logits"];
@@ -88,7 +89,7 @@ fn nf4_logits_stay_within_the_stated_bound_of_hf() {
 #[test]
 fn nf4_path_equals_dense_layers_over_dequantized_weights() {
     for name in ["gemma2", "gemma3"] {
-        let (m, _) = qlora(name, 0);
+        let (m, _) = qlora(name, 0, 0.05);
         let mut dequantized = |w: LinearWeight| -> candle_core::Result<Box<dyn Linear>> {
             if w.role == LinearRole::LmHead {
                 return Ok(Box::new(DenseLinear::new(w.weight)?));
@@ -142,8 +143,10 @@ fn perturb_b(builder: &QLoraBuilder) {
 #[test]
 fn chunked_loss_gives_the_full_loss_and_the_same_adapter_gradients() {
     for name in ["gemma2", "gemma3"] {
-        let (m, builder) = qlora(name, 1);
+        let (m, builder) = qlora(name, 1, 0.0);
         perturb_b(&builder);
+        // Gradients need train mode; with dropout 0 it is the same map.
+        m.set_training(true);
         let input = input_ids(name);
         let full = full_logits_loss(&m, &input);
         let full_grads = full.backward().unwrap();
@@ -184,7 +187,7 @@ fn chunked_loss_gives_the_full_loss_and_the_same_adapter_gradients() {
 
 #[test]
 fn backward_builds_no_frozen_weight_gradient() {
-    let (m, builder) = qlora("gemma2", 2);
+    let (m, builder) = qlora("gemma2", 2, 0.0);
     perturb_b(&builder);
     let c = m.config();
     let (h, v, inter) = (c.hidden_size, c.vocab_size, c.intermediate_size);
@@ -197,6 +200,7 @@ fn backward_builds_no_frozen_weight_gradient() {
         .into_iter()
         .flat_map(|(o, i)| [vec![o, i], vec![i, o]])
         .collect();
+    m.set_training(true); // dropout 0: the same map, differentiable
     let input = input_ids("gemma2");
     assert!(!frozen.contains(&vec![input.dim(1).unwrap(), h]));
     for (what, loss) in [
@@ -229,7 +233,7 @@ fn backward_builds_no_frozen_weight_gradient() {
 
 #[test]
 fn adapter_steps_lower_the_loss_with_dropout_on() {
-    let (m, builder) = qlora("gemma3", 3);
+    let (m, builder) = qlora("gemma3", 3, 0.05);
     let input = input_ids("gemma3");
     let labels = labels("gemma3");
     let eval_loss = |m: &Gemma| {
