@@ -108,3 +108,23 @@ fn submission_has_every_id_in_input_order_and_reads_back() {
         "{e}"
     );
 }
+
+#[test]
+fn a_reply_stops_at_every_special_token_and_only_there() {
+    let tok = Tokenizer::from_tokenizer_json(tiny().join("tokenizer.json")).unwrap();
+    let ids = rupantor_pipeline::generate::stop_ids(&tok);
+    assert_eq!(ids[0], tok.token_to_id("<end_of_turn>").unwrap());
+    for name in ["<start_of_turn>", "<eos>", "<bos>", "<pad>"] {
+        let id = tok.token_to_id(name).unwrap();
+        assert!(ids.contains(&id), "{name} ({id}) is not a stop id: {ids:?}");
+    }
+    let plain = tok.encode("def f(x):\n    return x", false);
+    assert!(
+        plain.iter().all(|t| !ids.contains(t)),
+        "{plain:?} vs {ids:?}"
+    );
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), ids.len(), "no id twice");
+}
