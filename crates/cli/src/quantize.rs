@@ -219,7 +219,11 @@ pub fn run(mut args: QuantizeArgs) -> Result<()> {
     metadata.insert("format".into(), "pt".into());
     writer.set_metadata(metadata);
 
-    let bar = ProgressBar::new(ckpt.total_bytes()).with_style(
+    let bar = ProgressBar::with_draw_target(
+        Some(ckpt.total_bytes()),
+        rupantor_train::progress::draw_target(true),
+    )
+    .with_style(
         ProgressStyle::with_template(
             "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
         )

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressStyle};
 use rupantor_data::Problem;
 use rupantor_exec::extract_code;
 use rupantor_model::{generate_until, Gemma, GenStats, GenerateConfig, StopReason, Tokenizer};
@@ -368,11 +368,7 @@ pub fn generate_texts(
 
     let bar = ProgressBar::with_draw_target(
         Some(prompts.len() as u64),
-        if s.progress {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
+        rupantor_train::progress::draw_target(s.progress),
     );
     bar.set_style(
         ProgressStyle::with_template(

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{ensure, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressStyle};
 use rupantor_data::Problem;
 use rupantor_exec::{protections, run_many, SandboxConfig, Score, Verdict};
 use rupantor_train::fsutil::write_atomic;
@@ -100,11 +100,7 @@ pub fn verify_programs(
         .collect();
     let bar = ProgressBar::with_draw_target(
         Some(jobs.len() as u64),
-        if progress {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
+        rupantor_train::progress::draw_target(progress),
     );
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")

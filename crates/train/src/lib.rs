@@ -10,6 +10,7 @@
 //!   bitsandbytes 0.50's `AdamW8bit` CPU semantics — with resumable [`optim::StateDict`]s.
 //! * [`schedule`]: cosine decay with linear warmup (HF `get_cosine_schedule_with_warmup`).
 //! * [`clip`]: gradient clipping by global norm (`torch.nn.utils.clip_grad_norm_`).
+//! * [`progress`]: where progress bars draw (a plain line per minute when stderr is a file).
 
 pub mod adapter;
 pub mod clip;
@@ -17,6 +18,7 @@ pub mod fsutil;
 pub mod lora;
 pub mod optim;
 pub mod plot;
+pub mod progress;
 pub mod rng;
 pub mod schedule;
 pub mod sft;

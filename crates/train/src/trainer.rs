@@ -33,7 +33,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, Var};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressStyle};
 use rupantor_data::Problem;
 use rupantor_model::linear::LinearRole;
 use rupantor_model::LoraConfig;
@@ -631,11 +631,7 @@ impl<'a> Run<'a> {
     fn progress_bar(&self) -> ProgressBar {
         let pb = ProgressBar::with_draw_target(
             Some(self.state.total_steps),
-            if self.cfg.progress {
-                ProgressDrawTarget::stderr()
-            } else {
-                ProgressDrawTarget::hidden()
-            },
+            crate::progress::draw_target(self.cfg.progress),
         );
         pb.set_style(
             ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} ETA {eta}")
