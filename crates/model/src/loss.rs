@@ -171,7 +171,7 @@ fn xent_composed(
 }
 
 /// [`xent_composed`] as one pass per row on the host: the gradient is written into the one
-/// output buffer, so a chunk costs one `[m, vocab]` temporary besides `z` instead of seven
+/// output buffer, so a chunk costs one `[m, vocab]` buffer besides `z` instead of seven
 /// (at 256 positions and Gemma's 262,144-word vocabulary each is 256 MiB), and the rows are
 /// split across candle's threads.
 fn xent_fused_cpu(
@@ -190,32 +190,23 @@ fn xent_fused_cpu(
         candle_core::bail!("fused cross-entropy needs contiguous logits");
     };
     let z = &data[start..end];
-    let mut out = vec![0f32; if grad { m * vocab } else { 0 }];
-    let threads = candle_core::utils::get_num_threads().clamp(1, m.max(1));
-    let rows_per = m.div_ceil(threads);
+    // Each thread takes a run of rows; a row's gradient (or, without `grad`, its scratch)
+    // is written over its capped logits in `out`.
+    let mut out = vec![0f32; m * vocab];
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let rows_per = m.div_ceil(threads).max(1);
     let nll: f64 = std::thread::scope(|scope| {
-        let mut out_rows = out.chunks_mut(if grad { rows_per * vocab } else { 1 });
-        let handles: Vec<_> = (0..threads)
-            .map(|k| {
-                let r0 = (k * rows_per).min(m);
-                let r1 = ((k + 1) * rows_per).min(m);
-                let out = if grad { out_rows.next() } else { None };
+        let handles: Vec<_> = out
+            .chunks_mut(rows_per * vocab)
+            .zip(z.chunks(rows_per * vocab))
+            .zip(targets.chunks(rows_per))
+            .map(|((out, z), targets)| {
                 scope.spawn(move || {
-                    let mut nll = 0f64;
-                    let mut row_buf = Vec::new();
-                    let mut out = out;
-                    for r in r0..r1 {
-                        let zr = &z[r * vocab..(r + 1) * vocab];
-                        let dz = match out.as_deref_mut() {
-                            Some(o) => &mut o[(r - r0) * vocab..(r - r0 + 1) * vocab],
-                            None => {
-                                row_buf.resize(vocab, 0f32);
-                                &mut row_buf[..]
-                            }
-                        };
-                        nll += xent_row(zr, targets[r] as usize, softcap, grad, dz);
-                    }
-                    nll
+                    out.chunks_mut(vocab)
+                        .zip(z.chunks(vocab))
+                        .zip(targets)
+                        .map(|((dz, zr), &t)| xent_row(zr, t as usize, softcap, grad, dz))
+                        .sum::<f64>()
                 })
             })
             .collect();

@@ -1072,17 +1072,25 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn only_train_mode_builds_an_autograd_graph() -> Result<()> {
+    /// A `[16, 32]` layer with a rank-2 adapter whose B is all ones (so the adapter path
+    /// shows in the output), and a `[4, 32]` input.
+    fn small_layer(dropout: f32) -> Result<(QLoraLinear, Tensor)> {
         let cfg = LoraConfig {
             rank: 2,
             alpha: 4.0,
-            dropout: 0.0,
+            dropout,
             rslora: false,
         };
         let nf4 = Nf4Tensor::quantize_f32(&values(16 * 32, 12), &[16, 32]);
         let lin = QLoraLinear::new(nf4, &cfg, 3, &Device::Cpu)?;
-        let x = t(values(4 * 32, 13), &[4, 32]);
+        let l = lin.adapter().unwrap();
+        l.b.set(&Tensor::ones((16, 2), DType::F32, &Device::Cpu)?)?;
+        Ok((lin, t(values(4 * 32, 13), &[4, 32])))
+    }
+
+    #[test]
+    fn only_train_mode_builds_an_autograd_graph() -> Result<()> {
+        let (lin, x) = small_layer(0.0)?;
         // A generation step's output must not hold on to its inputs (see LoraAdapter::forward).
         let eval = lin.forward(&x)?;
         assert!(!eval.track_op());
@@ -1095,18 +1103,7 @@ mod tests {
 
     #[test]
     fn dropout_acts_in_train_mode_only() -> Result<()> {
-        let cfg = LoraConfig {
-            rank: 2,
-            alpha: 4.0,
-            dropout: 0.5,
-            rslora: false,
-        };
-        let nf4 = Nf4Tensor::quantize_f32(&values(16 * 32, 12), &[16, 32]);
-        let lin = QLoraLinear::new(nf4, &cfg, 3, &Device::Cpu)?;
-        let l = lin.adapter().unwrap();
-        // A non-zero B so the adapter path shows in the output.
-        l.b.set(&Tensor::ones((16, 2), DType::F32, &Device::Cpu)?)?;
-        let x = t(values(4 * 32, 13), &[4, 32]);
+        let (lin, x) = small_layer(0.5)?;
         let eval1 = lin.forward(&x)?;
         let eval2 = lin.forward(&x)?;
         assert_eq!(tensor_max_diff(&eval1, &eval2), 0.0);

@@ -69,6 +69,21 @@ fn ids_of(expected: &HashMap<String, Tensor>) -> Tensor {
     expected["input_ids"].to_dtype(DType::U32).unwrap()
 }
 
+/// The PEFT fixture of `name`: its expected tensors, input ids and labels.
+fn fixture_batch(name: &str) -> (HashMap<String, Tensor>, Tensor, Tensor) {
+    let expected = load(&peft_dir(name).join("expected.safetensors"));
+    let ids = ids_of(&expected);
+    let labels = expected["labels"].to_dtype(DType::I64).unwrap();
+    (expected, ids, labels)
+}
+
+/// The tiny model with `spec`'s adapters set to the PEFT-written adapter's weights.
+fn peft_trained(name: &str, spec: LoraSpec) -> LoraModel {
+    let m = LoraModel::load(&tiny(name), &Device::Cpu, spec).unwrap();
+    load_adapter_weights(&peft_dir(name).join("peft_written"), m.adapters()).unwrap();
+    m
+}
+
 #[test]
 fn peft_written_config_reads_as_its_lora_settings() {
     for name in MODELS {
@@ -138,11 +153,8 @@ fn a_peft_written_adapter_gives_peft_logits() {
 #[test]
 fn lora_gradients_equal_peft_and_no_frozen_weight_gets_one() {
     for name in MODELS {
-        let expected = load(&peft_dir(name).join("expected.safetensors"));
-        let ids = ids_of(&expected);
-        let labels = expected["labels"].to_dtype(DType::I64).unwrap();
-        let m = LoraModel::load(&tiny(name), &Device::Cpu, spec(BaseFormat::Nf4)).unwrap();
-        load_adapter_weights(&peft_dir(name).join("peft_written"), m.adapters()).unwrap();
+        let (expected, ids, labels) = fixture_batch(name);
+        let m = peft_trained(name, spec(BaseFormat::Nf4));
         m.set_training(true); // dropout 0: train mode is the same function
 
         let hidden = m.model().forward_hidden(&ids, 0, None, None).unwrap();
@@ -242,13 +254,10 @@ fn lora_gradients_equal_peft_and_no_frozen_weight_gets_one() {
 #[test]
 fn recompute_replays_dropout_and_matches_the_plain_gradients() {
     for name in MODELS {
-        let expected = load(&peft_dir(name).join("expected.safetensors"));
-        let ids = ids_of(&expected);
-        let labels = expected["labels"].to_dtype(DType::I64).unwrap();
+        let (_, ids, labels) = fixture_batch(name);
         let mut s = spec(BaseFormat::Nf4);
         s.lora.dropout = 0.3;
-        let m = LoraModel::load(&tiny(name), &Device::Cpu, s).unwrap();
-        load_adapter_weights(&peft_dir(name).join("peft_written"), m.adapters()).unwrap();
+        let m = peft_trained(name, s);
         m.set_training(true);
         let run = |tick: u64, recompute: bool| {
             m.set_dropout_clock(tick);
