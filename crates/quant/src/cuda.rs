@@ -1,358 +1,103 @@
-//! Run-time compiled CUDA kernels for NF4 (feature `cuda`): `kernels/nf4.cu` compiled with NVRTC
-//! through cudarc, and launchers for dequantization (f32 / bf16 / f16, bit-exact with the CPU
-//! codec) and the fused NF4 x bf16 GEMV used in decoding.
+//! CUDA launchers (feature `cuda`) for the kernels in `kernels/*.cu`, which build.rs compiles to
+//! PTX with nvcc and embeds ([`MODULES`]): NF4 dequantization (f32 / bf16 / f16, bit-exact with
+//! the CPU codec) and the fused NF4 x bf16 GEMV used in decoding, here; the other modules are
+//! launched by the crates that own their CPU twins, through [`load_module`].
 //!
-//! Nothing here needs a CUDA toolkit at build time: cudarc loads `libnvrtc` and `libcuda` when
-//! first used. [`nvrtc_library`] finds libnvrtc on the loader path (`LD_LIBRARY_PATH`) or in the
-//! PyPI wheel `nvidia-cuda-nvrtc-cu12`, and [`cuda_include_dir`] finds `cuda_bf16.h` /
-//! `cuda_fp16.h` (`CUDA_INCLUDE_DIR`, the wheel `nvidia-cuda-runtime-cu12`, or a toolkit).
+//! Kernels run on a stream the caller passes in ([`Nf4Cuda::on_stream`]): the model hands over
+//! candle's stream, so our kernels read and write candle's buffers in order, without copies or
+//! extra synchronisation. cudarc loads libcuda the first time it is used; nothing here links a
+//! CUDA library.
 
 use crate::blockwise8;
 use crate::nf4::{Nf4Tensor, SourceDtype, BLOCKSIZE, NESTED_BLOCKSIZE};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr,
-    DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    DeviceRepr, DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
-use cudarc::nvrtc::{result as nvrtc_result, sys as nvrtc_sys, Ptx};
+use cudarc::nvrtc::Ptx;
 use half::{bf16, f16};
-use std::ffi::{c_char, CString};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-/// Source of `kernels/nf4.cu`, embedded at build time.
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// Source of `kernels/nf4.cu` (its constants are checked against this crate's).
 pub const NF4_SOURCE: &str = include_str!("../../../kernels/nf4.cu");
 
 /// The `extern "C"` entry points of `kernels/nf4.cu`.
-pub const NF4_ENTRY_POINTS: [&str; 4] = [
+pub const NF4_ENTRY_POINTS: [&str; 8] = [
     "kDequantizeNF4_f32",
     "kDequantizeNF4_bf16",
     "kDequantizeNF4_f16",
+    "kGemvNF4_bf16_t1",
+    "kGemvNF4_bf16_t2",
+    "kGemvNF4_bf16_t4",
+    "kGemvNF4_bf16_t8",
     "kGemvNF4_bf16",
 ];
 
-/// Architecture [`compile_kernels`] targets: PTX for sm_80 (Ampere) runs on every later GPU.
-pub const DEFAULT_ARCH: &str = "compute_80";
-
-/// Threads per block of the dequantization kernels (fixed in the source as `DQ_THREADS`).
+/// Threads per block of the dequantization kernels (`DQ_THREADS` in the source).
 pub const DEQUANT_THREADS: u32 = 256;
-/// Packed 4-byte words one dequantization thread block expands (`DQ_TILE_WORDS`).
-pub const DEQUANT_TILE_WORDS: u64 = 1024;
-/// Output rows (one warp each) per GEMV thread block (`GEMV_WARPS`).
-pub const GEMV_ROWS_PER_BLOCK: u32 = 8;
+/// 16-byte output chunks a dequantization thread loads before it expands the first
+/// (`DQ_UNROLL`).
+pub const DEQUANT_UNROLL: u32 = 8;
+/// Threads per block of every GEMV kernel (`GEMV_THREADS`).
+pub const GEMV_THREADS: u32 = 256;
+/// Rows of W in one GEMV work unit (`GEMV_ROWS`): each x value a lane loads serves this many.
+pub const GEMV_ROWS: usize = 4;
+/// Batch tiles of the GEMV kernels (`kGemvNF4_bf16_t{1,2,4,8}`); the largest is
+/// `GEMV_MAX_TILE`, also the batch tile of `kGemvNF4_bf16`.
+pub const GEMV_TILES: [usize; 4] = [1, 2, 4, 8];
+/// Lanes that work on one GEMV unit: 2^3 ..= 2^8 (a quarter warp up to the whole block).
+pub const GEMV_GROUP_LOG2: std::ops::RangeInclusive<u32> = 3..=8;
+/// Resident lanes per multiprocessor a GEMV launch aims to keep busy: enough 16-byte loads in
+/// flight to cover DRAM latency at full bandwidth (about 32 KB per SM on an H100/H200).
+const GEMV_TARGET_LANES_PER_SM: usize = 384;
 
-/// Errors of compilation, library discovery and kernel launches.
+/// Errors of device discovery, module loading and kernel launches.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
     #[error(
-        "libnvrtc not found: nothing on the dynamic loader path (LD_LIBRARY_PATH) and none of {searched:?} \
-         exists; `pip install nvidia-cuda-nvrtc-cu12` (see scripts/ci-nvrtc.sh) or add the directory holding \
-         libnvrtc.so.12 to LD_LIBRARY_PATH"
+        "no NVIDIA driver: libcuda.so.1 is not on the loader path (install the driver, or add \
+         the folder holding libcuda.so.1 to LD_LIBRARY_PATH)"
     )]
-    NvrtcNotFound { searched: Vec<PathBuf> },
-    #[error("libnvrtc at {path} was loaded but cudarc still cannot bind it (its soname must be libnvrtc.so.12 or libnvrtc.so)")]
-    NvrtcUnusable { path: PathBuf },
-    #[error(
-        "CUDA headers (cuda_bf16.h) not found in any of {searched:?}; set CUDA_INCLUDE_DIR or \
-         `pip install nvidia-cuda-runtime-cu12`"
-    )]
-    IncludeDirNotFound { searched: Vec<PathBuf> },
-    #[error("CUDA_INCLUDE_DIR={0} does not contain cuda_bf16.h")]
-    BadIncludeDir(PathBuf),
-    #[error(
-        "NVRTC failed to compile {name} for {arch} ({status}); options {options:?}; log:\n{log}"
-    )]
-    Compile {
-        name: String,
-        arch: String,
-        status: String,
-        options: Vec<String>,
-        log: String,
-    },
-    #[error("NVRTC call {call} failed: {status}")]
-    Nvrtc { call: &'static str, status: String },
-    #[error("the CUDA driver library (libcuda.so) is not installed")]
     NoDriver,
-    #[error("no CUDA device is visible")]
+    #[error("the NVIDIA driver sees no CUDA device (check nvidia-smi and CUDA_VISIBLE_DEVICES)")]
     NoDevice,
     #[error("CUDA driver error while {what}: {source}")]
     Driver {
         what: &'static str,
         source: DriverError,
     },
+    #[error("no kernel module {0:?} in this build (kernels/*.cu)")]
+    NoModule(String),
     #[error("{0}")]
     Invalid(String),
 }
 
 pub type Result<T, E = CudaError> = std::result::Result<T, E>;
 
-fn driver(what: &'static str) -> impl FnOnce(DriverError) -> CudaError {
+/// Maps a driver error to [`CudaError::Driver`] naming what was being done.
+pub fn driver(what: &'static str) -> impl FnOnce(DriverError) -> CudaError {
     move |source| CudaError::Driver { what, source }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Discovery of libnvrtc and the CUDA headers
-// ---------------------------------------------------------------------------------------------
-
-/// `${XDG_CACHE_HOME:-$HOME/.cache}/rupantor`, where scripts/ci-nvrtc.sh keeps its venv.
-fn rupantor_cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(base.join("rupantor"))
-}
-
-/// Directories of the `nvidia` Python namespace package (the CUDA PyPI wheels): from the
-/// interpreter in `RUPANTOR_PYTHON` / the active venv / `python3`, and from the venvs
-/// scripts/ci-nvrtc.sh creates. Computed once.
-pub fn nvidia_wheel_dirs() -> &'static [PathBuf] {
-    static DIRS: OnceLock<Vec<PathBuf>> = OnceLock::new();
-    DIRS.get_or_init(|| {
-        let mut dirs: Vec<PathBuf> = Vec::new();
-        let mut push = |p: PathBuf| {
-            if p.is_dir() && !dirs.contains(&p) {
-                dirs.push(p);
-            }
-        };
-        let mut pythons: Vec<PathBuf> = Vec::new();
-        if let Some(p) = std::env::var_os("RUPANTOR_PYTHON") {
-            pythons.push(p.into());
-        }
-        if let Some(v) = std::env::var_os("VIRTUAL_ENV") {
-            pythons.push(PathBuf::from(v).join("bin/python"));
-        }
-        pythons.push("python3".into());
-        const SCRIPT: &str = "import nvidia\nfor p in list(nvidia.__path__): print(p)";
-        for py in pythons {
-            let Ok(out) = std::process::Command::new(&py)
-                .args(["-c", SCRIPT])
-                .stderr(std::process::Stdio::null())
-                .output()
-            else {
-                continue;
-            };
-            if out.status.success() {
-                for line in String::from_utf8_lossy(&out.stdout).lines() {
-                    push(PathBuf::from(line.trim()));
-                }
-            }
-        }
-        if let Some(cache) = rupantor_cache_dir() {
-            for venv in ["nvrtc-venv", "cuda-venv"] {
-                let lib = cache.join(venv).join("lib");
-                let Ok(entries) = std::fs::read_dir(&lib) else {
-                    continue;
-                };
-                let mut found: Vec<PathBuf> = entries
-                    .flatten()
-                    .map(|e| e.path().join("site-packages/nvidia"))
-                    .filter(|p| p.is_dir())
-                    .collect();
-                found.sort();
-                found.into_iter().for_each(&mut push);
-            }
-        }
-        dirs
-    })
-}
-
-/// Toolkit roots: `CUDA_HOME`, `CUDA_PATH`, `/usr/local/cuda`.
-fn toolkit_roots() -> Vec<PathBuf> {
-    let mut roots: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
+/// The PTX of module `name` (a `kernels/*.cu` file stem).
+pub fn module_ptx(name: &str) -> Result<&'static str> {
+    MODULES
         .iter()
-        .filter_map(std::env::var_os)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .collect();
-    roots.push("/usr/local/cuda".into());
-    roots
+        .find(|(m, _)| *m == name)
+        .map(|(_, ptx)| *ptx)
+        .ok_or_else(|| CudaError::NoModule(name.to_string()))
 }
 
-/// Where the CUDA headers may be, in search order (after `CUDA_INCLUDE_DIR`).
-fn include_dir_candidates() -> Vec<PathBuf> {
-    let mut c = Vec::new();
-    for d in nvidia_wheel_dirs() {
-        c.push(d.join("cuda_runtime/include"));
-        c.push(d.join("cu13/include"));
-    }
-    for r in toolkit_roots() {
-        c.push(r.join("include"));
-        c.push(r.join("targets/x86_64-linux/include"));
-    }
-    c
-}
-
-/// The directory holding `cuda_bf16.h` and `cuda_fp16.h`: `CUDA_INCLUDE_DIR` if set (it must
-/// hold them), else the `nvidia-cuda-runtime-cu12` wheel (`nvidia/cuda_runtime/include`, or
-/// `nvidia/cu13/include`), else `$CUDA_HOME/include`, `$CUDA_PATH/include`,
-/// `/usr/local/cuda/include`.
-pub fn cuda_include_dir() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("CUDA_INCLUDE_DIR").filter(|v| !v.is_empty()) {
-        let dir = PathBuf::from(dir);
-        return if dir.join("cuda_bf16.h").is_file() {
-            Ok(dir)
-        } else {
-            Err(CudaError::BadIncludeDir(dir))
-        };
-    }
-    let searched = include_dir_candidates();
-    searched
-        .iter()
-        .find(|d| d.join("cuda_bf16.h").is_file() && d.join("cuda_fp16.h").is_file())
-        .cloned()
-        .ok_or(CudaError::IncludeDirNotFound { searched })
-}
-
-/// Files that may be libnvrtc, in search order, when the loader path has none: `RUPANTOR_NVRTC_LIB`,
-/// next to `CUDA_INCLUDE_DIR`'s wheel, the `nvidia-cuda-nvrtc-cu12` wheel, a toolkit's lib64.
-fn nvrtc_candidates() -> Vec<PathBuf> {
-    let mut c = Vec::new();
-    if let Some(p) = std::env::var_os("RUPANTOR_NVRTC_LIB").filter(|v| !v.is_empty()) {
-        c.push(PathBuf::from(p));
-    }
-    if let Some(inc) = std::env::var_os("CUDA_INCLUDE_DIR").filter(|v| !v.is_empty()) {
-        let inc = PathBuf::from(inc);
-        if let Some(nvidia) = inc.parent().and_then(Path::parent) {
-            c.push(nvidia.join("cuda_nvrtc/lib/libnvrtc.so.12"));
-        }
-        if let Some(root) = inc.parent() {
-            c.push(root.join("lib64/libnvrtc.so.12"));
-            c.push(root.join("lib64/libnvrtc.so"));
-        }
-    }
-    for d in nvidia_wheel_dirs() {
-        c.push(d.join("cuda_nvrtc/lib/libnvrtc.so.12"));
-    }
-    for r in toolkit_roots() {
-        c.push(r.join("lib64/libnvrtc.so.12"));
-        c.push(r.join("lib64/libnvrtc.so"));
-        c.push(r.join("targets/x86_64-linux/lib/libnvrtc.so.12"));
-    }
-    c
-}
-
-/// A usable libnvrtc.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NvrtcLibrary {
-    /// The file preloaded from a wheel or toolkit; `None` when the dynamic loader found it itself.
-    pub preloaded: Option<PathBuf>,
-    /// `nvrtcVersion()`.
-    pub version: (i32, i32),
-}
-
-/// Why libnvrtc could not be loaded (kept in a `OnceLock`, so `Clone`).
-#[derive(Debug, Clone)]
-enum NvrtcLoadError {
-    NotFound(Vec<PathBuf>),
-    Unusable(PathBuf),
-    Call(&'static str, String),
-}
-
-impl From<NvrtcLoadError> for CudaError {
-    fn from(e: NvrtcLoadError) -> Self {
-        match e {
-            NvrtcLoadError::NotFound(searched) => CudaError::NvrtcNotFound { searched },
-            NvrtcLoadError::Unusable(path) => CudaError::NvrtcUnusable { path },
-            NvrtcLoadError::Call(call, status) => CudaError::Nvrtc { call, status },
-        }
-    }
-}
-
-fn nvrtc_version() -> std::result::Result<(i32, i32), NvrtcLoadError> {
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: libnvrtc is loaded (checked by the caller); both pointers are valid.
-    let status = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
-    status
-        .result()
-        .map_err(|e| NvrtcLoadError::Call("nvrtcVersion", format!("{e:?}")))?;
-    Ok((major, minor))
-}
-
-/// Make libnvrtc loadable by cudarc, once per process. cudarc dlopens it by soname
-/// (`libnvrtc.so`, `libnvrtc.so.12`, ...), which only searches the loader path; when that has
-/// none, the first existing candidate file is dlopened by absolute path and kept open, so
-/// cudarc's later dlopen by soname resolves to the same, already loaded, library.
-pub fn nvrtc_library() -> Result<NvrtcLibrary> {
-    static LIB: OnceLock<std::result::Result<NvrtcLibrary, NvrtcLoadError>> = OnceLock::new();
-    static PRELOADED: OnceLock<libloading::Library> = OnceLock::new();
-    let found = LIB.get_or_init(|| {
-        // SAFETY: is_culib_present only dlopens/dlcloses candidate names.
-        if unsafe { nvrtc_sys::is_culib_present() } {
-            return Ok(NvrtcLibrary {
-                preloaded: None,
-                version: nvrtc_version()?,
-            });
-        }
-        let searched = nvrtc_candidates();
-        for path in searched.iter().filter(|p| p.is_file()) {
-            // SAFETY: loading libnvrtc runs no initialisers with preconditions.
-            let Ok(lib) = (unsafe { libloading::Library::new(path) }) else {
-                continue;
-            };
-            let _ = PRELOADED.set(lib);
-            // SAFETY: as above.
-            if !unsafe { nvrtc_sys::is_culib_present() } {
-                return Err(NvrtcLoadError::Unusable(path.clone()));
-            }
-            return Ok(NvrtcLibrary {
-                preloaded: Some(path.clone()),
-                version: nvrtc_version()?,
-            });
-        }
-        Err(NvrtcLoadError::NotFound(searched))
-    });
-    found.clone().map_err(CudaError::from)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Compilation
-// ---------------------------------------------------------------------------------------------
-
-/// NVRTC options for `arch` (`compute_XY` for PTX, `sm_XY` for PTX + CUBIN).
-///
-/// `--fmad=false` stops the compiler contracting `a * b + c` into an FMA (the kernels also use
-/// explicit `__fmul_rn` / `__fadd_rn`), and `--ftz=false` keeps f32 subnormals, so dequantized
-/// values are bit-identical to the CPU codec.
-pub fn nvrtc_options(arch: &str, include_dir: &Path) -> Vec<String> {
-    vec![
-        "--fmad=false".into(),
-        "--ftz=false".into(),
-        "--prec-div=true".into(),
-        "--prec-sqrt=true".into(),
-        "-default-device".into(),
-        "--std=c++17".into(),
-        format!("--gpu-architecture={arch}"),
-        format!("--include-path={}", include_dir.display()),
-    ]
-}
-
-/// A compiled `.cu` file.
-#[derive(Debug, Clone)]
-pub struct CompiledKernels {
-    pub name: String,
-    pub arch: String,
-    pub options: Vec<String>,
-    /// PTX text (always produced).
-    pub ptx: String,
-    /// Device code for a real architecture (`sm_XY`), which loads without driver JIT.
-    pub cubin: Option<Vec<u8>>,
-    /// NVRTC's log (warnings; empty on a clean compile).
-    pub log: String,
-}
-
-impl CompiledKernels {
-    /// What to load into a module: the CUBIN when there is one, else the PTX.
-    pub fn module_image(&self) -> Ptx {
-        match &self.cubin {
-            Some(bin) => Ptx::from_binary(bin.clone()),
-            None => Ptx::from_src(self.ptx.clone()),
-        }
-    }
-
-    /// Names of the `.entry` functions in the PTX.
-    pub fn entry_points(&self) -> Vec<String> {
-        ptx_entry_points(&self.ptx)
-    }
+/// Loads module `name` into the context of `stream` (the driver JIT-compiles the PTX for the
+/// GPU at hand).
+pub fn load_module(stream: &Arc<CudaStream>, name: &str) -> Result<Arc<CudaModule>> {
+    let ptx = module_ptx(name)?;
+    stream
+        .context()
+        .load_module(Ptx::from_src(ptx))
+        .map_err(driver("loading a kernel module"))
 }
 
 /// Names of the `.entry` functions declared in PTX text.
@@ -369,106 +114,6 @@ pub fn ptx_entry_points(ptx: &str) -> Vec<String> {
         .collect()
 }
 
-/// Owns an nvrtcProgram and destroys it on drop.
-struct Program {
-    prog: nvrtc_sys::nvrtcProgram,
-    _src: CString,
-    _name: CString,
-}
-
-impl Drop for Program {
-    fn drop(&mut self) {
-        // SAFETY: `prog` came from create_program and is destroyed once.
-        let _ = unsafe { nvrtc_result::destroy_program(self.prog) };
-    }
-}
-
-fn c_chars_to_string(v: &[c_char]) -> String {
-    let bytes: Vec<u8> = v
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-/// Compile CUDA source `src` (named `name` in diagnostics) for `arch` with [`nvrtc_options`].
-/// Errors carry NVRTC's log.
-pub fn compile_source(name: &str, src: &str, arch: &str) -> Result<CompiledKernels> {
-    nvrtc_library()?;
-    let include_dir = cuda_include_dir()?;
-    let options = nvrtc_options(arch, &include_dir);
-    let src_c =
-        CString::new(src).map_err(|_| CudaError::Invalid(format!("{name} contains a NUL byte")))?;
-    let name_c = CString::new(name)
-        .map_err(|_| CudaError::Invalid(format!("name {name:?} contains a NUL byte")))?;
-    let prog =
-        nvrtc_result::create_program(&src_c, Some(&name_c)).map_err(|e| CudaError::Nvrtc {
-            call: "nvrtcCreateProgram",
-            status: format!("{e:?}"),
-        })?;
-    let prog = Program {
-        prog,
-        _src: src_c,
-        _name: name_c,
-    };
-    // SAFETY: `prog.prog` is a live program for all calls below.
-    let compiled = unsafe { nvrtc_result::compile_program(prog.prog, &options) };
-    let log = unsafe { nvrtc_result::get_program_log(prog.prog) }
-        .map(|l| c_chars_to_string(&l))
-        .unwrap_or_default();
-    if let Err(e) = compiled {
-        return Err(CudaError::Compile {
-            name: name.to_string(),
-            arch: arch.to_string(),
-            status: format!("{:?}", e.0),
-            options,
-            log,
-        });
-    }
-    let ptx = unsafe { nvrtc_result::get_ptx(prog.prog) }.map_err(|e| CudaError::Nvrtc {
-        call: "nvrtcGetPTX",
-        status: format!("{e:?}"),
-    })?;
-    let ptx = c_chars_to_string(&ptx);
-    let cubin = if arch.starts_with("sm_") {
-        let mut size = 0usize;
-        unsafe { nvrtc_sys::nvrtcGetCUBINSize(prog.prog, &mut size) }
-            .result()
-            .map_err(|e| CudaError::Nvrtc {
-                call: "nvrtcGetCUBINSize",
-                status: format!("{e:?}"),
-            })?;
-        let mut bin = vec![0u8; size];
-        unsafe { nvrtc_sys::nvrtcGetCUBIN(prog.prog, bin.as_mut_ptr().cast()) }
-            .result()
-            .map_err(|e| CudaError::Nvrtc {
-                call: "nvrtcGetCUBIN",
-                status: format!("{e:?}"),
-            })?;
-        Some(bin)
-    } else {
-        None
-    };
-    Ok(CompiledKernels {
-        name: name.to_string(),
-        arch: arch.to_string(),
-        options,
-        ptx,
-        cubin,
-        log,
-    })
-}
-
-/// Compile CUDA source to PTX for [`DEFAULT_ARCH`] (sm_80 and later).
-pub fn compile_kernels(src: &str) -> Result<Ptx> {
-    Ok(compile_source("kernels.cu", src, DEFAULT_ARCH)?.module_image())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Devices and launchers
-// ---------------------------------------------------------------------------------------------
-
 /// Number of CUDA devices; `Err(NoDriver)` when libcuda is not installed.
 pub fn cuda_device_count() -> Result<usize> {
     // SAFETY: only dlopens/dlcloses candidate names.
@@ -477,6 +122,17 @@ pub fn cuda_device_count() -> Result<usize> {
     }
     let n = CudaContext::device_count().map_err(driver("counting devices"))?;
     Ok(n.max(0) as usize)
+}
+
+/// Checks that device `ordinal` exists, with one-line errors for a missing driver or device.
+pub fn check_device(ordinal: usize) -> Result<()> {
+    match cuda_device_count()? {
+        0 => Err(CudaError::NoDevice),
+        n if ordinal >= n => Err(CudaError::Invalid(format!(
+            "CUDA device {ordinal} requested, {n} present"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Output element types of the dequantization kernels.
@@ -512,6 +168,11 @@ impl From<SourceDtype> for OutDtype {
             SourceDtype::F16 => OutDtype::F16,
         }
     }
+}
+
+/// Elements of one 16-byte output chunk of the dequantization kernels (`DqChunk::kElems`).
+pub fn dequant_chunk_elems(d: OutDtype) -> usize {
+    16 / d.size()
 }
 
 mod sealed {
@@ -557,76 +218,186 @@ impl Nf4Device {
     }
 }
 
-/// The NF4 kernels loaded on one device, with the nested (double-quant) map resident.
+/// Which GEMV kernel a launch uses, and how it splits the work (see kernels/README.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// `kGemvNF4_bf16_t{tile}`, for rows of a multiple of 32 elements: units of
+    /// [`GEMV_ROWS`] rows, each owned by a group of `2^group_log2` lanes.
+    Tiled { tile: usize, group_log2: u32 },
+    /// `kGemvNF4_bf16`, any shape: one warp per row.
+    Rows,
+}
+
+/// A GEMV launch: the kernel and its grid (blocks of [`GEMV_THREADS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemvPlan {
+    pub kernel: GemvKernel,
+    pub grid: u32,
+}
+
+impl GemvPlan {
+    /// The launch for `y[batch, out] = x . W^T` with W `[out, in]` on a device with `sms`
+    /// multiprocessors that each hold `blocks_per_sm` GEMV blocks at once.
+    ///
+    /// Rows of a multiple of 32 elements take the tiled kernel with the smallest batch tile
+    /// that holds `batch` (8 beyond). Its lane-group size G is the one that best balances two
+    /// losses: lanes idle in a row's last step (`in / 32` items over G lanes) and too few resident
+    /// lanes to keep DRAM busy (units x G against `GEMV_TARGET_LANES_PER_SM` per SM); ties go to
+    /// the smaller G, which reduces through fewer shuffles and no shared memory. The grid is the
+    /// device's resident capacity (or one block per unit when there are fewer units), so each
+    /// SM gets an equal share of the units in one wave.
+    pub fn new(
+        out_features: usize,
+        in_features: usize,
+        batch: usize,
+        sms: u32,
+        blocks_per_sm: u32,
+    ) -> GemvPlan {
+        let capacity = (sms.max(1) as usize) * (blocks_per_sm.max(1) as usize);
+        if !Self::tiled_fits(out_features, in_features) {
+            return GemvPlan {
+                kernel: GemvKernel::Rows,
+                grid: out_features.div_ceil(GEMV_THREADS as usize / 32).max(1) as u32,
+            };
+        }
+        let tile = GEMV_TILES
+            .into_iter()
+            .find(|&t| t >= batch)
+            .unwrap_or(GEMV_TILES[GEMV_TILES.len() - 1]);
+        let items = in_features / 32;
+        let units = out_features.div_ceil(GEMV_ROWS);
+        let target = (sms.max(1) as usize * GEMV_TARGET_LANES_PER_SM) as f64;
+        let mut best = (f64::NEG_INFINITY, *GEMV_GROUP_LOG2.start());
+        for log2 in GEMV_GROUP_LOG2 {
+            let g = 1usize << log2;
+            let steps = items.div_ceil(g);
+            let busy = items as f64 / (steps * g) as f64;
+            let fill = ((units * g) as f64 / target).min(1.0);
+            let score = busy * fill;
+            if score > best.0 + 1e-9 {
+                best = (score, log2);
+            }
+        }
+        GemvPlan {
+            kernel: GemvKernel::Tiled {
+                tile,
+                group_log2: best.1,
+            },
+            grid: units.min(capacity).max(1) as u32,
+        }
+    }
+
+    /// Whether the tiled kernels take this shape: rows of whole 16-byte items, and element
+    /// offsets inside a unit (4 rows) that fit their 32-bit arithmetic.
+    pub fn tiled_fits(out_features: usize, in_features: usize) -> bool {
+        in_features.is_multiple_of(32)
+            && in_features > 0
+            && (in_features as u64) * (GEMV_ROWS as u64) < 1 << 32
+            && ((out_features as u64) * (in_features as u64)).div_ceil(BLOCKSIZE as u64) < 1 << 32
+    }
+}
+
+/// The NF4 kernels loaded on one device, with the nested (double-quant) map resident; every
+/// launch goes to one stream.
 pub struct Nf4Cuda {
-    ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    arch: String,
-    dequant_f32: CudaFunction,
-    dequant_bf16: CudaFunction,
-    dequant_f16: CudaFunction,
-    gemv_bf16: CudaFunction,
+    dequant: [CudaFunction; 3],
+    /// Thread blocks of each dequantization kernel the device holds at once.
+    dequant_capacity: [u32; 3],
+    gemv_tiled: [CudaFunction; 4],
+    /// Blocks per multiprocessor of each tiled GEMV kernel.
+    gemv_blocks_per_sm: [u32; 4],
+    gemv_rows: CudaFunction,
+    sms: u32,
     nested_map: CudaSlice<f32>,
 }
 
+fn dtype_index(d: OutDtype) -> usize {
+    match d {
+        OutDtype::F32 => 0,
+        OutDtype::Bf16 => 1,
+        OutDtype::F16 => 2,
+    }
+}
+
+fn tile_index(tile: usize) -> Option<usize> {
+    GEMV_TILES.iter().position(|&t| t == tile)
+}
+
 impl Nf4Cuda {
-    /// Open device `ordinal` and load the kernels compiled for its architecture.
+    /// Opens device `ordinal` in a context of its own and loads the kernels there.
     pub fn new(ordinal: usize) -> Result<Self> {
-        match cuda_device_count()? {
-            0 => return Err(CudaError::NoDevice),
-            n if ordinal >= n => {
-                return Err(CudaError::Invalid(format!(
-                    "device {ordinal} requested, {n} present"
-                )))
-            }
-            _ => {}
-        }
+        check_device(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(driver("creating a context"))?;
-        let (major, minor) = ctx
-            .compute_capability()
-            .map_err(driver("querying the compute capability"))?;
-        Self::with_context(ctx, &format!("sm_{major}{minor}"))
+        Self::on_stream(ctx.default_stream())
     }
 
-    /// Load the kernels into `ctx`, compiled for `arch` (`sm_XY`: CUBIN, no driver JIT;
-    /// `compute_XY`: PTX, JIT-compiled by the driver).
-    pub fn with_context(ctx: Arc<CudaContext>, arch: &str) -> Result<Self> {
-        let compiled = compile_source("nf4.cu", NF4_SOURCE, arch)?;
-        let module = ctx
-            .load_module(compiled.module_image())
-            .map_err(driver("loading the nf4 module"))?;
+    /// Loads the kernels into the context of `stream`, on which every launch will run (pass
+    /// candle's stream to work on candle's buffers), and reads the device's multiprocessor count
+    /// and each kernel's occupancy once, for the launch geometry.
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+        let module = load_module(&stream, "nf4")?;
         let load = |name: &str| {
             module
                 .load_function(name)
                 .map_err(driver("looking up a kernel"))
         };
-        let stream = ctx.default_stream();
+        let sms = stream
+            .context()
+            .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("reading the multiprocessor count"))?
+            .max(1) as u32;
+        let occupancy = |f: &CudaFunction, threads: u32| {
+            f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+                .map(|b| b.max(1))
+                .map_err(driver("reading a kernel's occupancy"))
+        };
+        let dequant = [
+            load("kDequantizeNF4_f32")?,
+            load("kDequantizeNF4_bf16")?,
+            load("kDequantizeNF4_f16")?,
+        ];
+        let mut dequant_capacity = [0u32; 3];
+        for (cap, f) in dequant_capacity.iter_mut().zip(&dequant) {
+            *cap = sms * occupancy(f, DEQUANT_THREADS)?;
+        }
+        let gemv_tiled = [
+            load("kGemvNF4_bf16_t1")?,
+            load("kGemvNF4_bf16_t2")?,
+            load("kGemvNF4_bf16_t4")?,
+            load("kGemvNF4_bf16_t8")?,
+        ];
+        let mut gemv_blocks_per_sm = [0u32; 4];
+        for (bps, f) in gemv_blocks_per_sm.iter_mut().zip(&gemv_tiled) {
+            *bps = occupancy(f, GEMV_THREADS)?;
+        }
         let nested_map = stream
             .clone_htod(&blockwise8::dynamic_map(true))
             .map_err(driver("uploading the nested map"))?;
         Ok(Nf4Cuda {
-            dequant_f32: load("kDequantizeNF4_f32")?,
-            dequant_bf16: load("kDequantizeNF4_bf16")?,
-            dequant_f16: load("kDequantizeNF4_f16")?,
-            gemv_bf16: load("kGemvNF4_bf16")?,
-            ctx,
+            dequant,
+            dequant_capacity,
+            gemv_tiled,
+            gemv_blocks_per_sm,
+            gemv_rows: load("kGemvNF4_bf16")?,
+            sms,
             stream,
-            arch: arch.to_string(),
             nested_map,
         })
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+        self.stream.context()
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
 
-    /// The architecture the module was compiled for.
-    pub fn arch(&self) -> &str {
-        &self.arch
+    /// Multiprocessors of the device.
+    pub fn multiprocessors(&self) -> u32 {
+        self.sms
     }
 
     /// Copy an NF4 tensor to the device.
@@ -656,6 +427,8 @@ impl Nf4Cuda {
             }
         }
         let up = "uploading an NF4 tensor";
+        // Each array is an allocation of its own, so `packed` is 256-byte aligned: the kernels
+        // rely on that for their 16-byte loads.
         Ok(Nf4Device {
             packed: self.stream.clone_htod(&t.packed).map_err(driver(up))?,
             absmax_codes: self
@@ -673,18 +446,15 @@ impl Nf4Cuda {
         })
     }
 
-    fn dequant_function(&self, d: OutDtype) -> &CudaFunction {
-        match d {
-            OutDtype::F32 => &self.dequant_f32,
-            OutDtype::Bf16 => &self.dequant_bf16,
-            OutDtype::F16 => &self.dequant_f16,
-        }
-    }
-
-    /// Launch geometry of the dequantization kernels for `n` elements.
-    pub fn dequant_launch_config(n: usize) -> LaunchConfig {
-        let words = (n as u64).div_ceil(2).div_ceil(4);
-        let blocks = words.div_ceil(DEQUANT_TILE_WORDS);
+    /// Launch geometry of the dequantization kernels for `n` elements of `dtype`: enough
+    /// blocks for every thread to load [`DEQUANT_UNROLL`] 16-byte chunks, at most `max_blocks`
+    /// (the device's resident capacity; the kernels loop over the rest).
+    pub fn dequant_launch_config(n: usize, dtype: OutDtype, max_blocks: u32) -> LaunchConfig {
+        let chunks = n / dequant_chunk_elems(dtype);
+        let per_block = (DEQUANT_THREADS * DEQUANT_UNROLL) as usize;
+        let blocks = chunks
+            .div_ceil(per_block)
+            .clamp(1, max_blocks.max(1) as usize);
         LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (DEQUANT_THREADS, 1, 1),
@@ -698,6 +468,19 @@ impl Nf4Cuda {
         w: &Nf4Device,
         out: &mut CudaViewMut<'_, T>,
     ) -> Result<()> {
+        let cap = self.dequant_capacity[dtype_index(T::DTYPE)];
+        let cfg = Self::dequant_launch_config(w.numel, T::DTYPE, cap);
+        self.dequantize_into_grid(w, out, cfg.grid_dim.0)
+    }
+
+    /// [`Self::dequantize_into`] with a grid of `blocks` thread blocks, whatever the size: with
+    /// few blocks every thread loops many times (tests exercise that path this way).
+    pub fn dequantize_into_grid<T: Nf4Output>(
+        &self,
+        w: &Nf4Device,
+        out: &mut CudaViewMut<'_, T>,
+        blocks: u32,
+    ) -> Result<()> {
         if out.len() != w.numel {
             return Err(CudaError::Invalid(format!(
                 "output holds {} elements, tensor has {}",
@@ -705,20 +488,20 @@ impl Nf4Cuda {
                 w.numel
             )));
         }
-        let cfg = Self::dequant_launch_config(w.numel);
-        if u64::from(cfg.grid_dim.0)
-            != (w.numel as u64)
-                .div_ceil(2)
-                .div_ceil(4)
-                .div_ceil(DEQUANT_TILE_WORDS)
-        {
-            return Err(CudaError::Invalid(format!(
-                "{} elements exceed one launch",
-                w.numel
-            )));
+        if blocks == 0 {
+            return Err(CudaError::Invalid(
+                "a launch needs at least one block".into(),
+            ));
         }
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (DEQUANT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let n = w.numel as u64;
-        let mut launch = self.stream.launch_builder(self.dequant_function(T::DTYPE));
+        let mut launch = self
+            .stream
+            .launch_builder(&self.dequant[dtype_index(T::DTYPE)]);
         launch
             .arg(&w.packed)
             .arg(&w.absmax_codes)
@@ -728,7 +511,8 @@ impl Nf4Cuda {
             .arg(out)
             .arg(&n);
         // SAFETY: the argument list matches kDequantizeNF4_* (u8*, u8*, f32*, f32*, f32, T*, u64);
-        // the arrays were length-checked in `upload` and above, so all accesses stay in bounds.
+        // the arrays were length-checked in `upload` and above, and the grid-stride loop keeps
+        // every access below n for any grid.
         unsafe { launch.launch(cfg) }.map_err(driver("launching kDequantizeNF4"))?;
         Ok(())
     }
@@ -769,6 +553,16 @@ impl Nf4Cuda {
         }
     }
 
+    /// The launch [`Self::gemv_bf16_into`] uses for W `[out, in]` at `batch` on this device.
+    pub fn gemv_plan(&self, out_features: usize, in_features: usize, batch: usize) -> GemvPlan {
+        let tile = GEMV_TILES
+            .into_iter()
+            .find(|&t| t >= batch)
+            .unwrap_or(GEMV_TILES[GEMV_TILES.len() - 1]);
+        let bps = self.gemv_blocks_per_sm[tile_index(tile).unwrap_or(0)];
+        GemvPlan::new(out_features, in_features, batch, self.sms, bps)
+    }
+
     /// `y[batch, out] = x[batch, in] . W^T` into `y`, with W `[out, in]` in NF4 (see kernels/README.md).
     pub fn gemv_bf16_into(
         &self,
@@ -776,6 +570,22 @@ impl Nf4Cuda {
         x: &CudaView<'_, bf16>,
         batch: usize,
         y: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<()> {
+        let (out_features, in_features) = Self::gemv_dims(w)?;
+        let plan = self.gemv_plan(out_features, in_features, batch);
+        self.gemv_bf16_into_planned(w, x, batch, y, &plan)
+    }
+
+    /// [`Self::gemv_bf16_into`] with an explicit launch (tests run every lane-group size and
+    /// grid this way). A tiled plan needs a shape [`GemvPlan::tiled_fits`] accepts; any batch
+    /// works with any tile.
+    pub fn gemv_bf16_into_planned(
+        &self,
+        w: &Nf4Device,
+        x: &CudaView<'_, bf16>,
+        batch: usize,
+        y: &mut CudaViewMut<'_, bf16>,
+        plan: &GemvPlan,
     ) -> Result<()> {
         let (out_features, in_features) = Self::gemv_dims(w)?;
         if batch == 0 || batch > i32::MAX as usize {
@@ -788,13 +598,41 @@ impl Nf4Cuda {
                 y.len()
             )));
         }
+        if plan.grid == 0 {
+            return Err(CudaError::Invalid(
+                "a launch needs at least one block".into(),
+            ));
+        }
+        let (function, group_log2) = match plan.kernel {
+            GemvKernel::Rows => (&self.gemv_rows, None),
+            GemvKernel::Tiled { tile, group_log2 } => {
+                let Some(t) = tile_index(tile) else {
+                    return Err(CudaError::Invalid(format!(
+                        "GEMV batch tile {tile} is not one of {GEMV_TILES:?}"
+                    )));
+                };
+                if !GEMV_GROUP_LOG2.contains(&group_log2) {
+                    return Err(CudaError::Invalid(format!(
+                        "GEMV lane group 2^{group_log2} outside 2^{}..=2^{}",
+                        GEMV_GROUP_LOG2.start(),
+                        GEMV_GROUP_LOG2.end()
+                    )));
+                }
+                if !GemvPlan::tiled_fits(out_features, in_features) {
+                    return Err(CudaError::Invalid(format!(
+                        "the tiled GEMV needs rows of a multiple of 32 elements, got [{out_features}, {in_features}]"
+                    )));
+                }
+                (&self.gemv_tiled[t], Some(group_log2 as i32))
+            }
+        };
         let cfg = LaunchConfig {
-            grid_dim: ((out_features as u32).div_ceil(GEMV_ROWS_PER_BLOCK), 1, 1),
-            block_dim: (GEMV_ROWS_PER_BLOCK * 32, 1, 1),
+            grid_dim: (plan.grid, 1, 1),
+            block_dim: (GEMV_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let (b, i, o) = (batch as i32, in_features as i32, out_features as i32);
-        let mut launch = self.stream.launch_builder(&self.gemv_bf16);
+        let mut launch = self.stream.launch_builder(function);
         launch
             .arg(&w.packed)
             .arg(&w.absmax_codes)
@@ -806,9 +644,14 @@ impl Nf4Cuda {
             .arg(&b)
             .arg(&i)
             .arg(&o);
-        // SAFETY: arguments match kGemvNF4_bf16 (u8*, u8*, f32*, f32*, f32, bf16*, bf16*, int, int,
-        // int); x, y and W were size-checked above.
-        unsafe { launch.launch(cfg) }.map_err(driver("launching kGemvNF4_bf16"))?;
+        if let Some(g) = &group_log2 {
+            launch.arg(g);
+        }
+        // SAFETY: arguments match kGemvNF4_bf16 (u8*, u8*, f32*, f32*, f32, bf16*, bf16*, int,
+        // int, int) and, with the trailing int g_log2, kGemvNF4_bf16_t*; x, y and W were
+        // size-checked above and the tiled kernels' shape limits in `tiled_fits`. Both loop over
+        // whatever the grid does not cover, so any grid size stays in bounds.
+        unsafe { launch.launch(cfg) }.map_err(driver("launching an NF4 GEMV"))?;
         Ok(())
     }
 
@@ -850,12 +693,6 @@ impl Nf4Cuda {
         rounds: usize,
         iters: usize,
     ) -> Result<BandwidthReport> {
-        if rounds == 0 || iters == 0 {
-            return Err(CudaError::Invalid(
-                "rounds and iters must be positive".into(),
-            ));
-        }
-        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
         let out_bytes = w.numel * T::DTYPE.size();
         let mut out = self
             .stream
@@ -869,52 +706,233 @@ impl Nf4Cuda {
             .stream
             .alloc_zeros::<u8>(out_bytes)
             .map_err(driver("allocating the copy target"))?;
-        let timing = "timing with events";
-        for _ in 0..2 {
-            self.dequantize_into(w, &mut out.as_view_mut())?;
+        let dequant_ms = self.best_ms_per_call(rounds, iters, |_| {
+            self.dequantize_into(w, &mut out.as_view_mut())
+        })?;
+        let copy_ms = self.best_ms_per_call(rounds, iters, |_| {
             self.stream
                 .memcpy_dtod(&src, &mut dst)
-                .map_err(driver("copying"))?;
-        }
-        let (mut best_dequant, mut best_copy) = (f64::INFINITY, f64::INFINITY);
-        for _ in 0..rounds {
-            let start = self
-                .stream
-                .record_event(Some(CU_EVENT_DEFAULT))
-                .map_err(driver(timing))?;
-            for _ in 0..iters {
-                self.dequantize_into(w, &mut out.as_view_mut())?;
-            }
-            let end = self
-                .stream
-                .record_event(Some(CU_EVENT_DEFAULT))
-                .map_err(driver(timing))?;
-            best_dequant =
-                best_dequant.min(f64::from(start.elapsed_ms(&end).map_err(driver(timing))?));
-            let start = self
-                .stream
-                .record_event(Some(CU_EVENT_DEFAULT))
-                .map_err(driver(timing))?;
-            for _ in 0..iters {
-                self.stream
-                    .memcpy_dtod(&src, &mut dst)
-                    .map_err(driver("copying"))?;
-            }
-            let end = self
-                .stream
-                .record_event(Some(CU_EVENT_DEFAULT))
-                .map_err(driver(timing))?;
-            best_copy = best_copy.min(f64::from(start.elapsed_ms(&end).map_err(driver(timing))?));
-        }
-        self.stream.synchronize().map_err(driver("synchronizing"))?;
+                .map_err(driver("copying"))
+        })?;
         Ok(BandwidthReport::new(
             T::DTYPE,
             w.numel,
             w.storage_bytes(),
             iters,
-            best_dequant / iters as f64,
-            best_copy / iters as f64,
+            dequant_ms,
+            copy_ms,
         ))
+    }
+
+    /// Milliseconds per call of `f(i)`, `i` in `0..iters`: the fastest of `rounds` rounds of
+    /// back-to-back calls between two CUDA events on the stream, after one untimed round.
+    pub fn best_ms_per_call(
+        &self,
+        rounds: usize,
+        iters: usize,
+        mut f: impl FnMut(usize) -> Result<()>,
+    ) -> Result<f64> {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        if rounds == 0 || iters == 0 {
+            return Err(CudaError::Invalid(
+                "rounds and iters must be positive".into(),
+            ));
+        }
+        let timing = "timing with events";
+        for i in 0..iters {
+            f(i)?;
+        }
+        let mut best = f64::INFINITY;
+        for _ in 0..rounds {
+            let start = self
+                .stream
+                .record_event(Some(CU_EVENT_DEFAULT))
+                .map_err(driver(timing))?;
+            for i in 0..iters {
+                f(i)?;
+            }
+            let end = self
+                .stream
+                .record_event(Some(CU_EVENT_DEFAULT))
+                .map_err(driver(timing))?;
+            let ms = f64::from(start.elapsed_ms(&end).map_err(driver(timing))?);
+            best = best.min(ms / iters as f64);
+        }
+        Ok(best)
+    }
+
+    /// A second copy of `w` in device memory.
+    pub fn duplicate(&self, w: &Nf4Device) -> Result<Nf4Device> {
+        let what = "copying an NF4 tensor";
+        Ok(Nf4Device {
+            packed: self.stream.clone_dtod(&w.packed).map_err(driver(what))?,
+            absmax_codes: self
+                .stream
+                .clone_dtod(&w.absmax_codes)
+                .map_err(driver(what))?,
+            nested_absmax: self
+                .stream
+                .clone_dtod(&w.nested_absmax)
+                .map_err(driver(what))?,
+            offset: w.offset,
+            shape: w.shape.clone(),
+            dtype: w.dtype,
+            numel: w.numel,
+        })
+    }
+
+    /// Times the fused GEMV on `w` `[out, in]` at `batch` (the launch [`Self::gemv_bf16_into`]
+    /// picks) against a device-to-device copy of as many bytes as the weight holds.
+    pub fn measure_gemv(
+        &self,
+        w: &Nf4Device,
+        batch: usize,
+        rounds: usize,
+        iters: usize,
+    ) -> Result<GemvReport> {
+        let (out_features, in_features) = Self::gemv_dims(w)?;
+        let plan = self.gemv_plan(out_features, in_features, batch);
+        self.measure_gemv_planned(w, batch, &plan, rounds, iters)
+    }
+
+    /// [`Self::measure_gemv`] with an explicit launch. Consecutive calls cycle through copies
+    /// of the weight (and the copy through as many source and target buffers) that together
+    /// hold three times the device's L2 cache, so both read DRAM, as decoding does, where every
+    /// weight is read once per token. `iters` is rounded up to a multiple of the copies; each
+    /// time is the fastest of `rounds` rounds ([`Self::best_ms_per_call`]).
+    pub fn measure_gemv_planned(
+        &self,
+        w: &Nf4Device,
+        batch: usize,
+        plan: &GemvPlan,
+        rounds: usize,
+        iters: usize,
+    ) -> Result<GemvReport> {
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE;
+        let (out_features, in_features) = Self::gemv_dims(w)?;
+        if batch == 0 || batch > i32::MAX as usize {
+            return Err(CudaError::Invalid(format!("batch {batch} out of range")));
+        }
+        let l2 = self
+            .context()
+            .attribute(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(driver("reading the L2 size"))?
+            .max(0) as usize;
+        let bytes = w.storage_bytes();
+        let copies = (3 * l2).div_ceil(bytes).clamp(1, 64);
+        let extra = (1..copies)
+            .map(|_| self.duplicate(w))
+            .collect::<Result<Vec<_>>>()?;
+        let weights: Vec<&Nf4Device> = std::iter::once(w).chain(extra.iter()).collect();
+        // x: a fixed pattern of ordinary values (never zeros, which could run faster).
+        let x_host: Vec<bf16> = (0..batch * in_features)
+            .map(|i| bf16::from_f32(((i * 7919) % 201) as f32 / 100.0 - 1.0 + 1.0 / 512.0))
+            .collect();
+        let x = self
+            .stream
+            .clone_htod(&x_host)
+            .map_err(driver("uploading x"))?;
+        let mut y = self
+            .stream
+            .alloc_zeros::<bf16>(batch * out_features)
+            .map_err(driver("allocating y"))?;
+        let calls = iters.max(1).div_ceil(copies) * copies;
+        let gemv_ms = self.best_ms_per_call(rounds, calls, |i| {
+            self.gemv_bf16_into_planned(
+                weights[i % copies],
+                &x.as_view(),
+                batch,
+                &mut y.as_view_mut(),
+                plan,
+            )
+        })?;
+        let src = self
+            .stream
+            .alloc_zeros::<u8>(copies * bytes)
+            .map_err(driver("allocating the copy source"))?;
+        let mut dst = self
+            .stream
+            .alloc_zeros::<u8>(copies * bytes)
+            .map_err(driver("allocating the copy target"))?;
+        let copy_ms = self.best_ms_per_call(rounds, calls, |i| {
+            let at = (i % copies) * bytes;
+            self.stream
+                .memcpy_dtod(
+                    &src.slice(at..at + bytes),
+                    &mut dst.slice_mut(at..at + bytes),
+                )
+                .map_err(driver("copying"))
+        })?;
+        Ok(GemvReport {
+            out_features,
+            in_features,
+            batch,
+            plan: *plan,
+            weight_bytes: bytes,
+            copies,
+            iters: calls,
+            gemv_ms,
+            copy_ms,
+        })
+    }
+}
+
+/// The fused GEMV's time next to a device-to-device copy of as many bytes as its weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemvReport {
+    pub out_features: usize,
+    pub in_features: usize,
+    pub batch: usize,
+    pub plan: GemvPlan,
+    /// Bytes of the NF4 weight a call reads (packed codes, absmax codes, nested scales); also
+    /// the size of each copy.
+    pub weight_bytes: usize,
+    /// Weight copies cycled through (see [`Nf4Cuda::measure_gemv_planned`]).
+    pub copies: usize,
+    /// Calls per timed round.
+    pub iters: usize,
+    /// Milliseconds per GEMV (best round).
+    pub gemv_ms: f64,
+    /// Milliseconds per copy (best round).
+    pub copy_ms: f64,
+}
+
+impl GemvReport {
+    /// Weight bytes read per second by the GEMV, in GB/s (1e9 bytes).
+    pub fn gemv_gbps(&self) -> f64 {
+        self.weight_bytes as f64 / (self.gemv_ms * 1e-3) / 1e9
+    }
+
+    /// DRAM traffic of the copy (bytes read + written), in GB/s.
+    pub fn copy_traffic_gbps(&self) -> f64 {
+        2.0 * self.weight_bytes as f64 / (self.copy_ms * 1e-3) / 1e9
+    }
+
+    /// The GEMV's rate on its weight bytes over the copy's traffic (1.0 = the GEMV streams its
+    /// weight as fast as a copy moves bytes).
+    pub fn ratio(&self) -> f64 {
+        self.gemv_gbps() / self.copy_traffic_gbps()
+    }
+}
+
+impl std::fmt::Display for GemvReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "NF4 GEMV [{}, {}] batch {}: {:.1} us, {:.0} GB/s of weight ({} bytes); d2d copy {:.0} GB/s \
+             traffic; ratio {:.2} ({:?}, grid {}, {} weight copies)",
+            self.out_features,
+            self.in_features,
+            self.batch,
+            self.gemv_ms * 1e3,
+            self.gemv_gbps(),
+            self.weight_bytes,
+            self.copy_traffic_gbps(),
+            self.ratio(),
+            self.plan.kernel,
+            self.plan.grid,
+            self.copies
+        )
     }
 }
 
@@ -1031,29 +1049,33 @@ mod tests {
         }
     }
 
+    /// The value of `#define NAME value` in nf4.cu.
+    fn source_define(name: &str) -> u64 {
+        let prefix = format!("#define {name} ");
+        let line = NF4_SOURCE
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("{prefix} missing from nf4.cu"));
+        line[prefix.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    }
+
     #[test]
     fn kernel_constants_match_the_source() {
         for (define, value) in [
-            ("#define DQ_THREADS ", DEQUANT_THREADS as u64),
-            (
-                "#define DQ_WORDS_PER_THREAD ",
-                DEQUANT_TILE_WORDS / DEQUANT_THREADS as u64,
-            ),
-            ("#define GEMV_WARPS ", GEMV_ROWS_PER_BLOCK as u64),
-            ("#define NF4_BLOCK ", BLOCKSIZE as u64),
-            ("#define NESTED_BLOCK ", NESTED_BLOCKSIZE as u64),
+            ("DQ_THREADS", u64::from(DEQUANT_THREADS)),
+            ("DQ_UNROLL", u64::from(DEQUANT_UNROLL)),
+            ("GEMV_THREADS", u64::from(GEMV_THREADS)),
+            ("GEMV_ROWS", GEMV_ROWS as u64),
+            ("GEMV_MAX_TILE", *GEMV_TILES.last().unwrap() as u64),
+            ("NF4_BLOCK", BLOCKSIZE as u64),
+            ("NESTED_BLOCK", NESTED_BLOCKSIZE as u64),
         ] {
-            let line = NF4_SOURCE
-                .lines()
-                .find(|l| l.starts_with(define))
-                .unwrap_or_else(|| panic!("{define} missing"));
-            let n: u64 = line[define.len()..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-            assert_eq!(n, value, "{define}");
+            assert_eq!(source_define(define), value, "{define}");
         }
         for name in NF4_ENTRY_POINTS {
             assert!(
@@ -1061,19 +1083,119 @@ mod tests {
                 "{name} missing from nf4.cu"
             );
         }
+        for tile in GEMV_TILES {
+            assert!(
+                NF4_SOURCE.contains(&format!("kGemvNF4_bf16_t{tile}(")),
+                "no kernel for batch tile {tile}"
+            );
+        }
+        // The chunk sizes of DqChunk: one 16-byte store.
+        for (ty, dtype) in [
+            ("float", OutDtype::F32),
+            ("__nv_bfloat16", OutDtype::Bf16),
+            ("__half", OutDtype::F16),
+        ] {
+            let decl = format!(
+                "struct DqChunk<{ty}> {{ static constexpr int kElems = {}; }};",
+                dequant_chunk_elems(dtype)
+            );
+            assert!(NF4_SOURCE.contains(&decl), "{decl}");
+        }
     }
 
     #[test]
-    fn launch_geometry_covers_every_word() {
-        for n in [1usize, 2, 8, 9, 8191, 8192, 8193, 64 * 256 * 3 + 17] {
-            let cfg = Nf4Cuda::dequant_launch_config(n);
-            let words = n.div_ceil(2).div_ceil(4) as u64;
-            let covered = u64::from(cfg.grid_dim.0) * DEQUANT_TILE_WORDS;
-            assert!(
-                covered >= words && covered - words < DEQUANT_TILE_WORDS,
-                "n={n}"
-            );
-            assert_eq!(cfg.block_dim.0, DEQUANT_THREADS);
+    fn dequant_launch_covers_every_chunk_within_the_capacity() {
+        let per_block = (DEQUANT_THREADS * DEQUANT_UNROLL) as usize;
+        for dtype in [OutDtype::F32, OutDtype::Bf16, OutDtype::F16] {
+            for n in [
+                1usize,
+                2,
+                7,
+                8,
+                9,
+                8191,
+                8192,
+                8193,
+                64 * 256 * 3 + 17,
+                1 << 26,
+            ] {
+                let cfg = Nf4Cuda::dequant_launch_config(n, dtype, 1000);
+                let chunks = n / dequant_chunk_elems(dtype);
+                let blocks = cfg.grid_dim.0 as usize;
+                assert_eq!(cfg.block_dim.0, DEQUANT_THREADS);
+                assert!(blocks >= 1, "n={n}");
+                if blocks < 1000 {
+                    // Below the capacity: just enough blocks for one pass.
+                    assert!(blocks * per_block >= chunks, "n={n} {dtype:?}");
+                    assert!(blocks == 1 || (blocks - 1) * per_block < chunks, "n={n}");
+                }
+            }
+            // Past the capacity the grid stays at it and the kernel loops.
+            let cfg = Nf4Cuda::dequant_launch_config(1 << 30, dtype, 792);
+            assert_eq!(cfg.grid_dim.0, 792);
+        }
+    }
+
+    fn tiled(plan: GemvPlan) -> (usize, u32) {
+        match plan.kernel {
+            GemvKernel::Tiled { tile, group_log2 } => (tile, group_log2),
+            GemvKernel::Rows => panic!("expected the tiled kernel, got {plan:?}"),
+        }
+    }
+
+    #[test]
+    fn gemv_plans_for_the_gemma_shapes_on_an_h200() {
+        // 132 SMs, 2 blocks of the tiled kernels each (34 KB shared memory, <= 128 registers).
+        let plan = |o, i, b| GemvPlan::new(o, i, b, 132, 2);
+        // [14336, 3584] (gate/up): 112 items a row = 7 steps of 16 lanes, and 3584 units fill
+        // the GPU; one wave of 264 blocks.
+        let p = plan(14336, 3584, 1);
+        assert_eq!(tiled(p), (1, 4));
+        assert_eq!(p.grid, 264);
+        // [3584, 14336] (down): 448 items, 896 units: 64 lanes (two warps) a unit.
+        assert_eq!(tiled(plan(3584, 14336, 1)), (1, 6));
+        // [4096, 3584] (q): 1024 units of 16 lanes would leave the GPU half idle.
+        assert_eq!(tiled(plan(4096, 3584, 1)).1, 6);
+        // Batch tiles: the smallest that holds the batch, 8 beyond.
+        for (batch, tile) in [
+            (1, 1),
+            (2, 2),
+            (3, 4),
+            (4, 4),
+            (5, 8),
+            (8, 8),
+            (9, 8),
+            (16, 8),
+        ] {
+            assert_eq!(tiled(plan(14336, 3584, batch)).0, tile, "batch {batch}");
+        }
+        // Few units: one block each.
+        assert_eq!(plan(8, 64, 1).grid, 2);
+    }
+
+    #[test]
+    fn gemv_plans_fall_back_to_the_row_kernel() {
+        for (o, i) in [(33, 100), (5, 13), (17, 72), (8, 48)] {
+            let p = GemvPlan::new(o, i, 3, 132, 2);
+            assert_eq!(p.kernel, GemvKernel::Rows, "[{o}, {i}]");
+            assert_eq!(p.grid as usize, o.div_ceil(8));
+        }
+        assert!(GemvPlan::tiled_fits(3, 32));
+        assert!(!GemvPlan::tiled_fits(3, 1 << 30));
+    }
+
+    #[test]
+    fn gemv_plans_are_legal_for_every_shape() {
+        for o in [1usize, 3, 4, 5, 64, 1000, 14336] {
+            for i in [32usize, 96, 2048, 3584, 14336] {
+                for sms in [1u32, 80, 132] {
+                    let p = GemvPlan::new(o, i, 1, sms, 3);
+                    let (_, g) = tiled(p);
+                    assert!(GEMV_GROUP_LOG2.contains(&g));
+                    assert!(p.grid >= 1 && p.grid as usize <= o.div_ceil(GEMV_ROWS));
+                    assert!(p.grid <= sms * 3);
+                }
+            }
         }
     }
 
@@ -1084,21 +1206,6 @@ mod tests {
             ptx_entry_points(ptx),
             vec!["kA".to_string(), "k_B2".to_string()]
         );
-    }
-
-    #[test]
-    fn options_disable_fma_contraction_and_flushing() {
-        let opts = nvrtc_options("sm_90", Path::new("/x/include"));
-        for o in [
-            "--fmad=false",
-            "--ftz=false",
-            "-default-device",
-            "--std=c++17",
-            "--gpu-architecture=sm_90",
-        ] {
-            assert!(opts.iter().any(|s| s == o), "{o} missing from {opts:?}");
-        }
-        assert!(opts.contains(&"--include-path=/x/include".to_string()));
     }
 
     #[test]
