@@ -1,11 +1,12 @@
 //! Gemma-2 and Gemma-3 (text) decoder, one implementation driven by [`ModelConfig`].
 //!
-//! Every op here has a backward in candle (matmul, elementwise, reductions, narrow/cat,
-//! index_select): candle-nn's fused `softmax_last_dim`, `rms_norm` and `rope` kernels have none
-//! and would silently cut the gradient, so softmax, RMSNorm and RoPE are composed by hand.
+//! Every op here has a backward: candle's own (matmul, elementwise, index_select) or, for
+//! RMSNorm, RoPE and the attention softmax, that of our fused ops ([`crate::ops`], CPU and CUDA
+//! twins). candle-nn's fused `softmax_last_dim`, `rms_norm` and `rope` kernels have none and
+//! would silently cut the gradient.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 use crate::config::{Arch, ModelConfig};
 use crate::linear::Linear;
@@ -298,25 +299,11 @@ impl RmsNorm {
         })
     }
 
+    /// One fused op ([`crate::ops::rms_norm`]), the composed formula
+    /// `x_f32 * (1 / sqrt(mean(x_f32^2) + eps)) * (1 + w)` rounded once to x's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let xf = x.to_dtype(DType::F32)?;
-        let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        xf.broadcast_mul(&inv_rms)?
-            .broadcast_mul(&self.scale)?
-            .to_dtype(x.dtype())
+        crate::ops::rms_norm::rms_norm(x, &self.scale, self.eps)
     }
-}
-
-/// Softmax over the last dimension from differentiable primitives, in f32.
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let xf = x.to_dtype(DType::F32)?;
-    // The max only stabilises exp(); softmax is invariant to it, so no gradient needs to flow.
-    let max = xf.max_keepdim(D::Minus1)?.detach();
-    let e = xf.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&sum)?.to_dtype(x.dtype())
 }
 
 /// `c * tanh(x / c)`.
@@ -403,15 +390,6 @@ impl Rope {
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` with `rotate_half(x) = cat(-x2, x1)`; x is `[b, h, s, d]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
-}
-
 #[derive(Debug)]
 struct Attention {
     q_proj: Box<dyn Linear>,
@@ -437,31 +415,27 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, s, nh, hd))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?;
+        // The q/k norms act on each head's vector, so they run before the transpose, on
+        // contiguous [b, s, heads, hd] tensors.
+        let q = self.q_proj.forward(x)?.reshape((b, s, nh, hd))?;
+        let q = match &self.q_norm {
+            Some(n) => n.forward(&q)?,
+            None => q,
+        }
+        .transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape((b, s, nkv, hd))?;
+        let k = match &self.k_norm {
+            Some(n) => n.forward(&k)?,
+            None => k,
+        }
+        .transpose(1, 2)?;
         let v = self
             .v_proj
             .forward(x)?
             .reshape((b, s, nkv, hd))?
             .transpose(1, 2)?;
-        let q = match &self.q_norm {
-            Some(n) => n.forward(&q)?,
-            None => q,
-        };
-        let k = match &self.k_norm {
-            Some(n) => n.forward(&k)?,
-            None => k,
-        };
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        let q = crate::ops::rope::rope(&q, cos, sin)?;
+        let k = crate::ops::rope::rope(&k, cos, sin)?;
         // With a cache, k/v are views of its buffers (strided along the position axis), which
         // both the CPU gemm and cuBLAS take as they are: copying them would cost as much as
         // the concatenation the buffers avoid.
@@ -478,16 +452,21 @@ impl Attention {
         // turns attention into one batched matmul per kv head.
         let n_rep = nh / nkv;
         let q = q.contiguous()?.reshape((b, nkv, n_rep * s, hd))?;
+        // K comes out of the rope op contiguous, so its transpose is a view both matmuls take
+        // as it is; V is a transposed view of the projection unless the cache holds it.
         let (kt, v) = if cached {
             (k.t()?, v)
         } else {
-            (k.t()?.contiguous()?, v.contiguous()?)
+            (k.t()?, v.contiguous()?)
         };
-        let scores = q.matmul(&kt)?;
-        let scores = (scores.reshape((b, nh, s, kv_len))? * self.scale)?;
-        let scores = softcap(&scores, self.softcap)?;
-        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-        let probs = softmax_last_dim(&scores)?;
+        let scores = q.matmul(&kt)?.reshape((b, nh, s, kv_len))?;
+        // Scale, softcap, mask and softmax in one op, in f32 (MASKED is not finite in bf16).
+        let probs = crate::ops::attention_softmax::attention_probs(
+            &scores,
+            self.scale,
+            self.softcap,
+            mask,
+        )?;
         let out = probs.reshape((b, nkv, n_rep * s, kv_len))?.matmul(&v)?;
         let out = out
             .reshape((b, nh, s, hd))?
@@ -1239,20 +1218,11 @@ mod tests {
     }
 
     #[test]
-    fn composed_softmax_matches_candle_nn() -> Result<()> {
-        let x = filled(&[3, 7], 3, 20.0);
-        let ours = softmax_last_dim(&x)?;
-        let theirs = candle_nn::ops::softmax_last_dim(&x)?;
-        assert!(max_abs_diff(&ours, &theirs) < 1e-6);
-        Ok(())
-    }
-
-    #[test]
     fn rope_rotates_pairs_half_apart() -> Result<()> {
         let rope = Rope::new(10_000.0, 1.0, 4);
         let (cos, sin) = rope.tables(1, 1, DType::F32, &Device::Cpu)?;
         let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu)?.reshape((1, 1, 1, 4))?;
-        let y = apply_rope(&x, &cos, &sin)?
+        let y = crate::ops::rope::rope(&x, &cos, &sin)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         // Pairs (x0, x2) and (x1, x3) rotate by angles 1 and 1/100 at position 1.

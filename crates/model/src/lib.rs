@@ -3,6 +3,9 @@
 //! directories and GGUF files.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod device;
 pub mod gemma;
 pub mod generate;
 pub mod gguf;
@@ -11,7 +14,9 @@ pub mod linear;
 pub mod lm_head;
 pub mod loader;
 pub mod loss;
+pub mod ops;
 pub mod qlora;
+pub mod random;
 pub mod tokenizer;
 
 pub use config::{

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, Device, Layout, MetalStorage, Result, Shape, Tensor, Var,
+    CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, MetalStorage, Result, Shape, Tensor,
+    Var,
 };
 use rupantor_quant::Nf4Tensor;
 
@@ -90,6 +91,13 @@ pub struct QuantizedWeight {
 pub trait LinearBuilder {
     fn build(&mut self, w: LinearWeight) -> Result<Box<dyn Linear>>;
 
+    /// The activation dtype of the model being built: the loader casts the embedding (and with
+    /// it a tied lm_head) to it, and the forward pass computes in it (norms, softmax and loss
+    /// stay f32). f32 on the CPU; bf16 is what a GPU trains in.
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+
     /// Pre-quantized weights. By default they are dequantized to f32 (on the host) and go
     /// through [`LinearBuilder::build`], so every builder accepts quantized checkpoints; a QLoRA
     /// builder keeps the NF4 data as it is.
@@ -110,17 +118,25 @@ impl<F: FnMut(LinearWeight) -> Result<Box<dyn Linear>>> LinearBuilder for F {
     }
 }
 
-/// Builds frozen [`DenseLinear`]s on `device` (the unquantized path). Loaders hand weights over
-/// on the host so a quantizing builder can work on them before anything reaches the GPU.
+/// Builds frozen [`DenseLinear`]s on `device` in `dtype` (the unquantized path). Loaders hand
+/// weights over on the host so a quantizing builder can work on them before anything reaches
+/// the GPU (the tied lm_head excepted: it arrives as the embedding already on the device).
 #[derive(Debug, Clone)]
 pub struct DenseBuilder {
     pub device: Device,
+    pub dtype: DType,
 }
 
 impl DenseBuilder {
+    /// f32 weights on `device`.
     pub fn new(device: &Device) -> Self {
+        Self::with_dtype(device, DType::F32)
+    }
+
+    pub fn with_dtype(device: &Device, dtype: DType) -> Self {
         Self {
             device: device.clone(),
+            dtype,
         }
     }
 }
@@ -128,8 +144,12 @@ impl DenseBuilder {
 impl LinearBuilder for DenseBuilder {
     fn build(&mut self, w: LinearWeight) -> Result<Box<dyn Linear>> {
         Ok(Box::new(DenseLinear::new(
-            w.weight.to_device(&self.device)?,
+            w.weight.to_device(&self.device)?.to_dtype(self.dtype)?,
         )?))
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
     }
 }
 
@@ -187,9 +207,10 @@ impl Linear for DenseLinear {
             );
         }
         // One 2-D GEMM over all leading positions: candle's batched matmul would need the
-        // weight broadcast to every batch entry.
+        // weight broadcast to every batch entry. The product runs in the weight's dtype and
+        // the result comes back in the input's (an f32 loss chunk through a bf16 lm_head).
         let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, in_dim))?;
+        let x2 = x.reshape((rows, in_dim))?.to_dtype(self.weight.dtype())?;
         let y = if self.var.is_some() || !x2.track_op() {
             // Trainable: candle's backward gives both gradients, which is what we want.
             // Untracked input: no backward will ever run through this product.
@@ -205,7 +226,7 @@ impl Linear for DenseLinear {
         };
         let mut out_dims = lead.to_vec();
         out_dims.push(self.out_features());
-        y.reshape(out_dims)
+        y.reshape(out_dims)?.to_dtype(x.dtype())
     }
 
     fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
@@ -225,7 +246,8 @@ impl Linear for DenseLinear {
     }
 }
 
-/// `dy · W` over the leading dimensions of `dy`, detached from any graph.
+/// `dy · W` over the leading dimensions of `dy`, detached from any graph, computed in W's
+/// dtype and returned in `dy`'s.
 pub(crate) fn dense_input_grad(weight: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let dims = dy.dims();
     let Some((&out_dim, lead)) = dims.split_last() else {
@@ -235,10 +257,11 @@ pub(crate) fn dense_input_grad(weight: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let dx = dy
         .detach()
         .reshape((rows, out_dim))?
+        .to_dtype(weight.dtype())?
         .matmul(&weight.detach())?;
     let mut in_dims = lead.to_vec();
     in_dims.push(weight.dim(1)?);
-    dx.reshape(in_dims)
+    dx.reshape(in_dims)?.to_dtype(dy.dtype())
 }
 
 /// Attaches the input gradient of a frozen product `y = x W^T` to a `y` computed outside the

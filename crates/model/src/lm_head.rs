@@ -12,6 +12,12 @@
 //! The frozen product is a candle custom op: forward through the fused kernel for up to
 //! [`FUSED_MAX_ROWS`] input rows, dequantized tiles + `gemm` beyond; backward gives only
 //! `dx = dy · W` (tiles + `gemm`).
+//!
+//! The Q8 form is a CPU decode-speed measure and exists on the host only: the test reads the
+//! host f32 values, so on a GPU (where the loader hands the builder the embedding already on
+//! the device) the head stays the dense layer over the bf16 embedding, which is what
+//! transformers runs and what cuBLAS reads at 2 bytes per weight. Its ops have no `cuda_fwd`
+//! for that reason; candle's default names the op if one is ever reached.
 
 use std::sync::Arc;
 
@@ -244,6 +250,10 @@ fn exact_q8(t: &Tensor) -> Result<Option<Q8Weight>> {
 }
 
 impl LinearBuilder for InferenceBuilder<'_> {
+    fn dtype(&self) -> candle_core::DType {
+        self.inner.dtype()
+    }
+
     fn build(&mut self, w: LinearWeight) -> Result<Box<dyn Linear>> {
         if w.role == LinearRole::LmHead {
             if !self.try_q8 {

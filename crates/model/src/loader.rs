@@ -43,6 +43,8 @@ const PREFIXES: [&str; 3] = ["model.", "language_model.model.", "model.language_
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    #[error(transparent)]
+    Random(#[from] crate::random::RandomError),
     #[error("{}: no config.json; expected a Hugging Face model directory", dir.display())]
     MissingConfig { dir: PathBuf },
     #[error("{}: {source}", path.display())]
@@ -466,12 +468,24 @@ pub fn is_gguf(path: &Path) -> bool {
         && magic == GGUF_MAGIC
 }
 
-/// Loads `path`: a Hugging Face model directory, or a GGUF file.
+/// The random model a `random:<preset>[@<seed>]` "path" names (see [`crate::random`]); `None`
+/// for a real path. Path-based APIs (the trainer's model loader, a run's recorded base model)
+/// take random models this way.
+pub fn random_model(path: &Path) -> Option<Result<crate::random::RandomModel, LoadError>> {
+    let spec = path.to_str()?.strip_prefix(crate::random::PREFIX)?;
+    Some(crate::random::RandomModel::parse(spec).map_err(LoadError::from))
+}
+
+/// Loads `path`: a Hugging Face model directory, a GGUF file, or `random:<preset>`.
 pub fn load_model(
     path: &Path,
     device: &Device,
     builder: &mut dyn LinearBuilder,
 ) -> Result<Gemma, LoadError> {
+    if let Some(random) = random_model(path) {
+        let random = random?;
+        return build_gemma(random.config(), &random.source(), device, builder);
+    }
     let meta = std::fs::metadata(path).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
@@ -551,14 +565,24 @@ pub fn build_gemma(
     }
     let final_norm = on_device(format!("{prefix}norm.weight"), &[h])?;
 
+    // The embedding in the model's activation dtype, on the device; a tied lm_head is built
+    // from this very tensor, so a dense head shares its storage (on a GPU: one bf16 copy of a
+    // 256k x 3584 matrix, not two). On the CPU the builder still sees the host f32 values it
+    // can inspect (an exact-Q8 head).
+    let dtype = builder.dtype();
+    let embed = to_device(&embed_name, embed_host, device)?
+        .to_dtype(dtype)
+        .map_err(|source| LoadError::Build {
+            name: embed_name.clone(),
+            source,
+        })?;
     let lm_head = if cfg.tie_word_embeddings {
-        // The same host tensor: a dense builder shares the embedding's storage.
         build_linear(
             builder,
             embed_name.clone(),
             LinearRole::LmHead,
             None,
-            embed_host.clone(),
+            embed.clone(),
         )?
     } else {
         let name = ["lm_head.weight", "language_model.lm_head.weight"]
@@ -575,7 +599,6 @@ pub fn build_gemma(
             [cfg.vocab_size, h],
         )?
     };
-    let embed = to_device(&embed_name, embed_host, device)?;
     Gemma::new(cfg, embed, layers, final_norm, lm_head).map_err(|source| LoadError::Build {
         name: "model".into(),
         source,

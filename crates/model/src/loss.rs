@@ -104,11 +104,7 @@ pub fn chunked_lm_loss(
         let row_ids = Tensor::from_slice(row_ids, m, dev)?;
         let x = flat.index_select(&row_ids, 0)?.to_dtype(DType::F32)?;
         let z = head.forward(&x)?.to_dtype(DType::F32)?;
-        let (nll, dz) = if dev.is_cpu() {
-            xent_fused_cpu(&z, target_ids, softcap, need_grad)?
-        } else {
-            xent_composed(&z, target_ids, softcap, need_grad)?
-        };
+        let (nll, dz) = xent_fused(&z, target_ids, softcap, need_grad)?;
         sum += nll;
         if let Some(dz) = dz {
             grads.push(head.input_grad(&dz)?.to_dtype(DType::F32)?);
@@ -129,9 +125,24 @@ pub fn chunked_lm_loss(
 }
 
 /// The summed NLL of `targets` under `z` (`[m, vocab]` f32 logits, before the softcap) and,
-/// with `grad`, its gradient w.r.t. `z`, through candle's ops: about seven `[m, vocab]`
-/// temporaries. The device-independent path, and the reference the CPU kernel is tested
-/// against.
+/// with `grad`, its gradient w.r.t. `z`: one fused pass per row where `z` lives (the CPU
+/// kernel below, or its GPU twin in `kernels/xent.cu`).
+fn xent_fused(
+    z: &Tensor,
+    targets: &[u32],
+    softcap: Option<f64>,
+    grad: bool,
+) -> Result<(f64, Option<Tensor>)> {
+    match z.device() {
+        Device::Cpu => xent_fused_cpu(z, targets, softcap, grad),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => xent_fused_cuda(z, targets, softcap, grad),
+        _ => xent_composed(z, targets, softcap, grad),
+    }
+}
+
+/// The same NLL and gradient through candle's ops: about seven `[m, vocab]` temporaries. The
+/// reference the fused kernels are tested against.
 fn xent_composed(
     z: &Tensor,
     targets: &[u32],
@@ -221,6 +232,76 @@ fn xent_fused_cpu(
         None
     };
     Ok((nll, dz))
+}
+
+/// [`xent_fused_cpu`] on the GPU (`kXentRows_f32`): one thread block per row, the per-row
+/// NLL in f64 summed on the host, the gradient written into one `[m, vocab]` buffer.
+#[cfg(feature = "cuda")]
+fn xent_fused_cuda(
+    z: &Tensor,
+    targets: &[u32],
+    softcap: Option<f64>,
+    grad: bool,
+) -> Result<(f64, Option<Tensor>)> {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    let (m, vocab) = z.dims2()?;
+    if m == 0 {
+        return Ok((0.0, grad.then(|| z.zeros_like()).transpose()?));
+    }
+    let vocab_i32 =
+        i32::try_from(vocab).map_err(|_| candle_core::Error::msg("vocabulary past i32"))?;
+    let z = z.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = z.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        candle_core::bail!("fused cross-entropy: the logits are not on a GPU");
+    };
+    let dev = cs.device().clone();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused cross-entropy needs contiguous logits");
+    };
+    let zs = cs.as_cuda_slice::<f32>()?.slice(start..end);
+    let stream = dev.cuda_stream();
+    let targets_d = stream.clone_htod(targets).map_err(crate::cuda::err)?;
+    let mut nll = dev.alloc_zeros::<f64>(m)?;
+    // Without `grad` the kernel never touches dz; a one-element buffer stands in for it.
+    let mut dz = dev.alloc_zeros::<f32>(if grad { m * vocab } else { 1 })?;
+    let cap = softcap.unwrap_or(0.0) as f32;
+    let grad_flag = i32::from(grad);
+    let f = crate::cuda::kernel(&dev, "xent", "kXentRows_f32")?;
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(&zs)
+        .arg(&targets_d)
+        .arg(&mut dz)
+        .arg(&mut nll)
+        .arg(&vocab_i32)
+        .arg(&cap)
+        .arg(&grad_flag);
+    let cfg = LaunchConfig {
+        grid_dim: (m as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match kXentRows_f32 (const float*, const unsigned*, float*, double*,
+    // int, float, int); z holds m * vocab values, targets and nll m, dz m * vocab when grad.
+    unsafe { launch.launch(cfg) }.map_err(crate::cuda::err)?;
+    let total: f64 = stream
+        .clone_dtoh(&nll)
+        .map_err(crate::cuda::err)?
+        .iter()
+        .sum();
+    let dz = if grad {
+        let s = crate::cuda::storage(dz, &dev);
+        Some(Tensor::from_storage(
+            Storage::Cuda(s),
+            (m, vocab),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    } else {
+        None
+    };
+    Ok((total, dz))
 }
 
 /// One row of [`xent_fused_cpu`]: returns the row's NLL; `dz` (the row's length) ends as the

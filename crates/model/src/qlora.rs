@@ -10,12 +10,24 @@
 //! each tile with `gemm`, and its backward returns only `dx = dy · dequant(W)`, tiled the same
 //! way. Decode steps (a few input rows) skip the tiles: a fused kernel multiplies the packed
 //! NF4 weight directly ([`rupantor_quant::gemv`]).
+//!
+//! On a GPU the same op keeps the packed NF4 arrays in device memory and its `cuda_fwd`
+//! dequantizes the weight with our kernel (`kernels/nf4.cu`) into a scratch of the input's
+//! dtype (bf16 in training), multiplies it with cuBLAS and drops it; the backward does the same
+//! for `dx`. The tile there is the whole projection: the largest of a 9B (`14336 x 3584`) is
+//! 98 MiB in bf16, and one large GEMM keeps cuBLAS at full speed. Decode steps (up to
+//! [`FUSED_MAX_ROWS`] bf16 rows) take the fused NF4 GEMV kernel instead.
+//!
+//! The LoRA branch runs in f32 whatever the activations are (PEFT casts the input to the
+//! adapter's dtype): A and B are f32 master weights, and only its output is cast back.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::{cuda_backend::CudaDevice, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var};
 use rupantor_quant::blockwise8;
 use rupantor_quant::nf4::{BLOCKSIZE, NESTED_BLOCKSIZE};
@@ -284,9 +296,158 @@ pub(crate) fn f32_rows<'a>(
     Ok((&data[start..end], m))
 }
 
+/// A frozen NF4 weight where the op's input lives: on the host with the CPU kernels, or in GPU
+/// memory.
+#[derive(Debug)]
+enum FrozenNf4 {
+    /// Boxed (both): the host weight carries its 1 KiB absmax map inline.
+    Host(Box<Nf4Weight>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<GpuNf4>),
+}
+
+impl FrozenNf4 {
+    fn on(nf4: Nf4Tensor, device: &Device) -> Result<Self> {
+        let host = Nf4Weight::new(nf4)?;
+        match device {
+            Device::Cpu => Ok(Self::Host(Box::new(host))),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(dev) => Ok(Self::Cuda(Box::new(GpuNf4::upload(host, dev)?))),
+            other => candle_core::bail!("NF4 weights on {other:?} are not supported"),
+        }
+    }
+
+    fn out_features(&self) -> usize {
+        match self {
+            Self::Host(w) => w.out_features,
+            #[cfg(feature = "cuda")]
+            Self::Cuda(w) => w.out_features,
+        }
+    }
+
+    fn in_features(&self) -> usize {
+        match self {
+            Self::Host(w) => w.in_features,
+            #[cfg(feature = "cuda")]
+            Self::Cuda(w) => w.in_features,
+        }
+    }
+
+    // `op` names the op in the device-mismatch error, which only a cuda build can hit.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn host(&self, op: &str) -> Result<&Nf4Weight> {
+        match self {
+            Self::Host(w) => Ok(w),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(_) => {
+                candle_core::bail!("{op}: the input is on the CPU, the weight on a GPU")
+            }
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn gpu(&self, op: &str) -> Result<&GpuNf4> {
+        match self {
+            Self::Cuda(w) => Ok(w),
+            Self::Host(_) => {
+                candle_core::bail!("{op}: the input is on a GPU, the weight on the host")
+            }
+        }
+    }
+}
+
+/// An NF4 weight `[out, in]` in GPU memory with the launchers of its device.
+#[cfg(feature = "cuda")]
+struct GpuNf4 {
+    kernels: Arc<rupantor_quant::cuda::Nf4Cuda>,
+    w: rupantor_quant::cuda::Nf4Device,
+    dev: CudaDevice,
+    out_features: usize,
+    in_features: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl fmt::Debug for GpuNf4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GpuNf4")
+            .field("shape", &[self.out_features, self.in_features])
+            .field("storage_bytes", &self.w.storage_bytes())
+            .finish()
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl GpuNf4 {
+    fn upload(host: Nf4Weight, dev: &CudaDevice) -> Result<Self> {
+        let kernels = crate::cuda::nf4_kernels(dev)?;
+        let w = kernels.upload(&host.nf4).map_err(crate::cuda::err)?;
+        Ok(Self {
+            kernels,
+            w,
+            dev: dev.clone(),
+            out_features: host.out_features,
+            in_features: host.in_features,
+        })
+    }
+
+    /// The whole weight dequantized to `dtype`, contiguous `[out, in]`: bit-identical to the
+    /// CPU codec's values.
+    fn dequantized(&self, op: &str, dtype: DType) -> Result<CudaStorage> {
+        use crate::cuda::{err, storage};
+        let k = &self.kernels;
+        Ok(match dtype {
+            DType::F32 => storage(k.dequantize_f32(&self.w).map_err(err)?, &self.dev),
+            DType::BF16 => storage(k.dequantize_bf16(&self.w).map_err(err)?, &self.dev),
+            DType::F16 => storage(k.dequantize_f16(&self.w).map_err(err)?, &self.dev),
+            other => return Err(crate::cuda::unsupported(op, other, "f32, bf16, f16")),
+        })
+    }
+
+    /// `y = x · W^T` for a contiguous `x: [m, in]`.
+    fn matmul_t(&self, op: &str, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let n = self.out_features;
+        if k != self.in_features || !l.is_contiguous() {
+            candle_core::bail!(
+                "{op}: expected a contiguous [rows, {}] input, got {l:?}",
+                self.in_features
+            );
+        }
+        if x.dtype() == DType::BF16 && m <= FUSED_MAX_ROWS {
+            let xs = x.as_cuda_slice::<half::bf16>()?;
+            let o = l.start_offset();
+            // SAFETY: the kernel writes all m * n outputs before anything reads them.
+            let mut y = unsafe { self.dev.alloc::<half::bf16>(m * n)? };
+            self.kernels
+                .gemv_bf16_into(&self.w, &xs.slice(o..o + m * k), m, &mut y.slice_mut(..))
+                .map_err(crate::cuda::err)?;
+            return Ok((crate::cuda::storage(y, &self.dev), Shape::from((m, n))));
+        }
+        let w = self.dequantized(op, x.dtype())?;
+        // W^T as a [in, out] view of the row-major [out, in] scratch: cuBLAS reads it transposed.
+        let wt = Layout::new(Shape::from((k, n)), vec![1, k], 0);
+        Ok((x.matmul(&w, (1, m, n, k), l, &wt)?, Shape::from((m, n))))
+    }
+
+    /// `dx = dy · W` for a contiguous `dy: [m, out]`.
+    fn matmul(&self, op: &str, dy: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let n = self.in_features;
+        if k != self.out_features || !l.is_contiguous() {
+            candle_core::bail!(
+                "{op}: expected a contiguous [rows, {}] gradient, got {l:?}",
+                self.out_features
+            );
+        }
+        let w = self.dequantized(op, dy.dtype())?;
+        let wl = Layout::contiguous((k, n));
+        Ok((dy.matmul(&w, (1, m, n, k), l, &wl)?, Shape::from((m, n))))
+    }
+}
+
 /// `y = x · dequant(W)^T`; backward gives `dx` only.
 struct Nf4Matmul {
-    w: Arc<Nf4Weight>,
+    w: Arc<FrozenNf4>,
     tile_rows: usize,
 }
 
@@ -296,9 +457,15 @@ impl CustomOp1 for Nf4Matmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, m) = f32_rows(self.name(), s, l, self.w.in_features)?;
-        let y = self.w.matmul_t(x, m, self.tile_rows);
-        Ok((CpuStorage::F32(y), Shape::from((m, self.w.out_features))))
+        let w = self.w.host(self.name())?;
+        let (x, m) = f32_rows(self.name(), s, l, w.in_features)?;
+        let y = w.matmul_t(x, m, self.tile_rows);
+        Ok((CpuStorage::F32(y), Shape::from((m, w.out_features))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.w.gpu(self.name())?.matmul_t(self.name(), s, l)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -313,7 +480,7 @@ impl CustomOp1 for Nf4Matmul {
 
 /// `dx = dy · dequant(W)`.
 struct Nf4MatmulGrad {
-    w: Arc<Nf4Weight>,
+    w: Arc<FrozenNf4>,
     tile_rows: usize,
 }
 
@@ -323,9 +490,15 @@ impl CustomOp1 for Nf4MatmulGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (dy, m) = f32_rows(self.name(), s, l, self.w.out_features)?;
-        let dx = self.w.matmul(dy, m, self.tile_rows);
-        Ok((CpuStorage::F32(dx), Shape::from((m, self.w.in_features))))
+        let w = self.w.host(self.name())?;
+        let (dy, m) = f32_rows(self.name(), s, l, w.out_features)?;
+        let dx = w.matmul(dy, m, self.tile_rows);
+        Ok((CpuStorage::F32(dx), Shape::from((m, w.in_features))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.w.gpu(self.name())?.matmul(self.name(), s, l)
     }
 }
 
@@ -357,16 +530,36 @@ struct SplitMix64(u64);
 
 impl SplitMix64 {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
+        let z = Self::draw_at(self.0, 1);
+        self.0 = self.0.wrapping_add(Self::GAMMA);
+        z
+    }
+
+    /// Uniform in [0, 1) with 24 random bits (every value exactly representable in f32).
+    fn next_f32(&mut self) -> f32 {
+        Self::f32_of(self.next_u64())
+    }
+
+    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    /// The output `next_u64` gives `k` calls after the state was `state` (k >= 1): the state
+    /// only ever advances by a constant, so any draw can be computed on its own.
+    fn draw_at(state: u64, k: u64) -> u64 {
+        let mut z = state.wrapping_add(k.wrapping_mul(Self::GAMMA));
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
 
-    /// Uniform in [0, 1) with 24 random bits (every value exactly representable in f32).
-    fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    fn f32_of(z: u64) -> f32 {
+        (z >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Advances past `n` draws at once; returns the state before them.
+    fn skip(&mut self, n: u64) -> u64 {
+        let before = self.0;
+        self.0 = before.wrapping_add(n.wrapping_mul(Self::GAMMA));
+        before
     }
 }
 
@@ -513,23 +706,26 @@ impl LoraAdapter {
     }
 
     /// Inverted dropout on `x` (PEFT's `nn.Dropout`): zero with probability p, scale the rest
-    /// by `1 / (1 - p)`. The mask is drawn on the host from this layer's stream.
+    /// by `1 / (1 - p)`. The mask takes the next `x.elem_count()` draws of this layer's stream;
+    /// the op computes them where `x` lives (see [`LoraDropout`]). The result is in the
+    /// adapter's dtype (f32), the cast of `x` done in the same pass.
     pub fn dropout(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.dropout;
-        let keep = 1.0 / (1.0 - p);
-        let mask: Vec<f32> = {
+        let state = {
             let mut stream = self.stream.lock().expect("dropout stream poisoned");
-            let rng = stream.rng();
-            (0..x.elem_count())
-                .map(|_| if rng.next_f32() < p { 0.0 } else { keep })
-                .collect()
+            stream.rng().skip(x.elem_count() as u64)
         };
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x * mask
+        x.contiguous()?.apply_op1(LoraDropout {
+            state,
+            p,
+            keep: 1.0 / (1.0 - p),
+            out: self.a.dtype(),
+        })
     }
 
     /// The adapter's term of the layer output, `scale · B(A(dropout(x)))` for `x: [rows, in]`;
-    /// dropout only when `training`.
+    /// dropout only when `training`. Computed in the adapter's dtype (f32 master weights) and
+    /// returned in `x`'s.
     ///
     /// Out of training the product is not tracked for autograd: a generation run keeps
     /// nothing of a step once its logits are read, where a tracked graph (A and B are
@@ -544,63 +740,227 @@ impl LoraAdapter {
         let h = if training && self.dropout > 0.0 {
             self.dropout(x)?
         } else {
-            x.clone()
+            x.to_dtype(a.dtype())?
         };
-        let z = h.matmul(&a.t()?)?.matmul(&b.t()?)?;
-        z * self.scale
+        // The scale multiplies the rank-r intermediate, not the [rows, out] result.
+        let z = (h.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)?;
+        z.to_dtype(x.dtype())
     }
 
     /// The adapter's term of the input gradient, `scale · dy B A` for `dy: [rows, out]`
-    /// (detached: the derivative of the eval-mode map).
+    /// (detached: the derivative of the eval-mode map), in `dy`'s dtype.
     pub fn input_grad(&self, dy: &Tensor) -> Result<Tensor> {
-        let z = dy
-            .matmul(&self.b.as_tensor().detach())?
+        let b = self.b.as_tensor().detach();
+        let z = (dy.to_dtype(b.dtype())?.matmul(&b)? * self.scale)?
             .matmul(&self.a.as_tensor().detach())?;
-        z * self.scale
+        z.to_dtype(dy.dtype())
+    }
+}
+
+/// Inverted dropout with the mask of a [`SplitMix64`] stream positioned at `state`: element
+/// `i` of the (contiguous) input is kept, times `keep`, unless draw `i + 1` of the stream
+/// (`next_f32` after `i` draws) is below `p`; the product is formed in f32 and stored in `out`
+/// (the adapter's f32 from bf16 activations: the cast and the mask are one pass). SplitMix64's
+/// draw `k` is a function of `state + k * gamma` alone, so the CPU and the GPU compute the same
+/// mask, element by element, as the sequential stream would; the backward multiplies the
+/// gradient by the same mask and returns it in the input's dtype.
+#[derive(Debug, Clone, Copy)]
+struct LoraDropout {
+    state: u64,
+    p: f32,
+    keep: f32,
+    out: DType,
+}
+
+impl LoraDropout {
+    fn factor(&self, i: usize) -> f32 {
+        let u = SplitMix64::f32_of(SplitMix64::draw_at(self.state, i as u64 + 1));
+        if u < self.p {
+            0.0
+        } else {
+            self.keep
+        }
+    }
+
+    fn masked<T: candle_core::WithDType>(&self, x: &[T]) -> Vec<f32> {
+        x.iter()
+            .enumerate()
+            .map(|(i, v)| v.to_f64() as f32 * self.factor(i))
+            .collect()
+    }
+}
+
+impl CustomOp1 for LoraDropout {
+    fn name(&self) -> &'static str {
+        "lora-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("lora-dropout: the input must be contiguous");
+        };
+        let y = match s {
+            CpuStorage::F32(v) => self.masked(&v[start..end]),
+            CpuStorage::BF16(v) => self.masked(&v[start..end]),
+            CpuStorage::F16(v) => self.masked(&v[start..end]),
+            other => candle_core::bail!("lora-dropout: {:?} input", other.dtype()),
+        };
+        let y = match self.out {
+            DType::F32 => CpuStorage::F32(y),
+            DType::BF16 => CpuStorage::BF16(y.into_iter().map(half::bf16::from_f32).collect()),
+            DType::F16 => CpuStorage::F16(y.into_iter().map(half::f16::from_f32).collect()),
+            other => candle_core::bail!("lora-dropout: {other:?} output"),
+        };
+        Ok((y, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use half::{bf16, f16};
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("lora-dropout: the input must be contiguous");
+        };
+        let dev = s.device().clone();
+        let n = (end - start) as u64;
+        let name = match (s.dtype(), self.out) {
+            (DType::F32, DType::F32) => "kLoraDropout_f32_f32",
+            (DType::BF16, DType::F32) => "kLoraDropout_bf16_f32",
+            (DType::F16, DType::F32) => "kLoraDropout_f16_f32",
+            (DType::F32, DType::BF16) => "kLoraDropout_f32_bf16",
+            (DType::F32, DType::F16) => "kLoraDropout_f32_f16",
+            (i, o) => candle_core::bail!("lora-dropout: {i:?} -> {o:?} on the GPU"),
+        };
+        let f = crate::cuda::kernel(&dev, "lora", name)?;
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&f);
+        let x_f32;
+        let x_bf16;
+        let x_f16;
+        match s.dtype() {
+            DType::F32 => {
+                x_f32 = s.as_cuda_slice::<f32>()?.slice(start..end);
+                launch.arg(&x_f32);
+            }
+            DType::BF16 => {
+                x_bf16 = s.as_cuda_slice::<bf16>()?.slice(start..end);
+                launch.arg(&x_bf16);
+            }
+            _ => {
+                x_f16 = s.as_cuda_slice::<f16>()?.slice(start..end);
+                launch.arg(&x_f16);
+            }
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((n.div_ceil(256)).clamp(1, 65_535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let len = end - start;
+        // SAFETY (each launch): arguments match kLoraDropout_<in>_<out> (const IN*, OUT*, u64,
+        // u64, float, float); the kernel strides over exactly n elements of both buffers and
+        // writes every output element.
+        let y = match self.out {
+            DType::F32 => {
+                let mut y = unsafe { dev.alloc::<f32>(len)? };
+                launch
+                    .arg(&mut y)
+                    .arg(&n)
+                    .arg(&self.state)
+                    .arg(&self.p)
+                    .arg(&self.keep);
+                unsafe { launch.launch(cfg) }.map_err(crate::cuda::err)?;
+                crate::cuda::storage(y, &dev)
+            }
+            DType::BF16 => {
+                let mut y = unsafe { dev.alloc::<bf16>(len)? };
+                launch
+                    .arg(&mut y)
+                    .arg(&n)
+                    .arg(&self.state)
+                    .arg(&self.p)
+                    .arg(&self.keep);
+                unsafe { launch.launch(cfg) }.map_err(crate::cuda::err)?;
+                crate::cuda::storage(y, &dev)
+            }
+            _ => {
+                let mut y = unsafe { dev.alloc::<f16>(len)? };
+                launch
+                    .arg(&mut y)
+                    .arg(&n)
+                    .arg(&self.state)
+                    .arg(&self.p)
+                    .arg(&self.keep);
+                unsafe { launch.launch(cfg) }.map_err(crate::cuda::err)?;
+                crate::cuda::storage(y, &dev)
+            }
+        };
+        Ok((y, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let mask = LoraDropout {
+            out: x.dtype(),
+            ..*self
+        };
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&mask)?))
     }
 }
 
 /// Frozen NF4 weight, optionally with a LoRA adapter.
 #[derive(Debug)]
 pub struct QLoraLinear {
-    weight: Arc<Nf4Weight>,
+    weight: Arc<FrozenNf4>,
     tile_rows: usize,
     lora: Option<LoraAdapter>,
     training: AtomicBool,
 }
 
 impl QLoraLinear {
-    /// A frozen NF4 layer without an adapter (the non-targeted projections).
-    pub fn frozen(nf4: Nf4Tensor) -> Result<Self> {
-        Self::with_adapter(nf4, None)
+    /// A frozen NF4 layer without an adapter (the non-targeted projections), its packed arrays
+    /// on `device`.
+    pub fn frozen(nf4: Nf4Tensor, device: &Device) -> Result<Self> {
+        Self::with_adapter(nf4, None, device)
     }
 
-    /// A frozen NF4 layer with a freshly initialised adapter.
+    /// A frozen NF4 layer with a freshly initialised adapter, both on `device`.
     pub fn new(nf4: Nf4Tensor, cfg: &LoraConfig, seed: u64, device: &Device) -> Result<Self> {
         let (out_f, in_f) = match nf4.shape.as_slice() {
             &[o, i] => (o, i),
             s => candle_core::bail!("NF4 linear weight must be [out, in], got {s:?}"),
         };
         let lora = LoraAdapter::init(cfg, in_f, out_f, seed, device)?;
-        Self::with_adapter(nf4, Some(lora))
+        Self::with_adapter(nf4, Some(lora), device)
     }
 
-    pub fn with_adapter(nf4: Nf4Tensor, lora: Option<LoraAdapter>) -> Result<Self> {
-        let weight = Nf4Weight::new(nf4)?;
+    /// The weight's packed arrays go to `device` (the adapter's variables must be there too).
+    pub fn with_adapter(
+        nf4: Nf4Tensor,
+        lora: Option<LoraAdapter>,
+        device: &Device,
+    ) -> Result<Self> {
+        let host = Nf4Weight::new(nf4)?;
+        let tile_rows = host.tile_rows(DEFAULT_TILE_ELEMS);
+        let weight = FrozenNf4::on(host.nf4, device)?;
         if let Some(l) = &lora {
             let (r, a_in) = l.a.dims2()?;
             let (b_out, _) = l.b.dims2()?;
-            if a_in != weight.in_features || b_out != weight.out_features {
+            if a_in != weight.in_features() || b_out != weight.out_features() {
                 candle_core::bail!(
                     "LoRA A {:?} / B {:?} do not fit a [{}, {}] weight (rank {r})",
                     l.a.dims(),
                     l.b.dims(),
-                    weight.out_features,
-                    weight.in_features
+                    weight.out_features(),
+                    weight.in_features()
+                );
+            }
+            if !l.a.device().same_device(device) {
+                candle_core::bail!(
+                    "the LoRA adapter is on {:?}, the weight on {device:?}",
+                    l.a.device()
                 );
             }
         }
-        let tile_rows = weight.tile_rows(DEFAULT_TILE_ELEMS);
         Ok(Self {
             weight: Arc::new(weight),
             tile_rows,
@@ -609,17 +969,27 @@ impl QLoraLinear {
         })
     }
 
-    /// Changes the dequantization tile budget (elements of W per tile).
+    /// Changes the CPU dequantization tile budget (elements of W per tile); on a GPU the tile
+    /// is the whole weight.
     pub fn set_tile_elems(&mut self, tile_elems: usize) {
-        self.tile_rows = self.weight.tile_rows(tile_elems);
+        match &*self.weight {
+            FrozenNf4::Host(w) => self.tile_rows = w.tile_rows(tile_elems),
+            #[cfg(feature = "cuda")]
+            FrozenNf4::Cuda(_) => {}
+        }
     }
 
     pub fn tile_rows(&self) -> usize {
         self.tile_rows
     }
 
-    pub fn weight(&self) -> &Nf4Weight {
-        &self.weight
+    /// The weight with its CPU kernels; `None` when it lives on a GPU.
+    pub fn host_weight(&self) -> Option<&Nf4Weight> {
+        match &*self.weight {
+            FrozenNf4::Host(w) => Some(w),
+            #[cfg(feature = "cuda")]
+            FrozenNf4::Cuda(_) => None,
+        }
     }
 
     pub fn adapter(&self) -> Option<&LoraAdapter> {
@@ -663,11 +1033,11 @@ impl Linear for QLoraLinear {
     }
 
     fn in_features(&self) -> usize {
-        self.weight.in_features
+        self.weight.in_features()
     }
 
     fn out_features(&self) -> usize {
-        self.weight.out_features
+        self.weight.out_features()
     }
 
     fn trainable_vars(&self) -> Vec<Var> {
@@ -721,8 +1091,8 @@ pub struct NamedAdapter {
 }
 
 /// Quantizes each projection to NF4 as the checkpoint streams in (the f32 copy is dropped
-/// right after) and attaches LoRA adapters to the `targets`. The lm_head stays a frozen f32
-/// dense layer: for tied checkpoints it is the embedding, held in f32 anyway.
+/// right after) and attaches LoRA adapters to the `targets`. The lm_head stays a frozen dense
+/// layer in the activation dtype: for tied checkpoints it is the embedding itself.
 #[derive(Debug, Clone)]
 pub struct QLoraBuilder {
     pub rank: usize,
@@ -731,8 +1101,10 @@ pub struct QLoraBuilder {
     pub rslora: bool,
     pub targets: Vec<LinearRole>,
     pub seed: u64,
-    /// Where the adapters (and the lm_head) live.
+    /// Where the NF4 weights, the adapters and the lm_head live.
     pub device: Device,
+    /// The model's activation dtype ([`LinearBuilder::dtype`]); the adapters stay f32.
+    pub dtype: DType,
     adapters: Vec<NamedAdapter>,
 }
 
@@ -755,6 +1127,7 @@ impl QLoraBuilder {
             ],
             seed: 0,
             device: device.clone(),
+            dtype: DType::F32,
             adapters: Vec::new(),
         }
     }
@@ -781,7 +1154,7 @@ impl QLoraBuilder {
         nf4: Nf4Tensor,
     ) -> Result<Box<dyn Linear>> {
         if !self.targets.contains(&role) {
-            return Ok(Box::new(QLoraLinear::frozen(nf4)?));
+            return Ok(Box::new(QLoraLinear::frozen(nf4, &self.device)?));
         }
         let seed = layer_seed(self.seed, &name);
         let lin = QLoraLinear::new(nf4, &self.lora_config(), seed, &self.device)?;
@@ -801,7 +1174,7 @@ impl LinearBuilder for QLoraBuilder {
     fn build(&mut self, w: LinearWeight) -> Result<Box<dyn Linear>> {
         if w.role == LinearRole::LmHead {
             return Ok(Box::new(DenseLinear::new(
-                w.weight.to_device(&self.device)?,
+                w.weight.to_device(&self.device)?.to_dtype(self.dtype)?,
             )?));
         }
         let shape = w.weight.dims().to_vec();
@@ -820,6 +1193,10 @@ impl LinearBuilder for QLoraBuilder {
     /// Pre-quantized weights go in as they are: no dequantize / re-quantize round trip.
     fn build_quantized(&mut self, w: QuantizedWeight) -> Result<Box<dyn Linear>> {
         self.wrap(w.name, w.role, w.layer, w.weight)
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
     }
 }
 
@@ -938,6 +1315,99 @@ mod tests {
     }
 
     #[test]
+    fn any_draw_of_the_stream_can_be_computed_on_its_own() {
+        // What lets the GPU draw dropout masks element by element: draw k of a stream is a
+        // function of its starting state and k, and skipping n draws lands where n calls do.
+        let mut seq = SplitMix64(0xDEAD_BEEF);
+        let start = seq.0;
+        let drawn: Vec<u64> = (0..1000).map(|_| seq.next_u64()).collect();
+        for (k, &z) in drawn.iter().enumerate() {
+            assert_eq!(SplitMix64::draw_at(start, k as u64 + 1), z, "draw {k}");
+        }
+        let mut skipped = SplitMix64(0xDEAD_BEEF);
+        assert_eq!(skipped.skip(1000), start);
+        assert_eq!(skipped.0, seq.0);
+        assert_eq!(skipped.next_u64(), seq.next_u64());
+    }
+
+    #[test]
+    fn the_dropout_op_masks_as_the_sequential_stream_did() -> Result<()> {
+        // The mask the op applies is the one the stream gives drawn in order, element by
+        // element: draws below p drop, the rest scale by 1 / (1 - p); the backward applies
+        // the same mask to the gradient.
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 2.0,
+            dropout: 0.25,
+            rslora: false,
+        };
+        let l = LoraAdapter::init(&cfg, 30, 3, 5, &Device::Cpu)?;
+        let x = Var::new(values(7 * 30, 9).as_slice(), &Device::Cpu)?;
+        let mut want_rng = l.stream.lock().unwrap().rng().clone();
+        let y = l.dropout(&x.as_tensor().reshape((7, 30))?)?;
+        let keep = 1.0 / (1.0 - 0.25f32);
+        let mask: Vec<f32> = (0..7 * 30)
+            .map(|_| {
+                if want_rng.next_f32() < 0.25 {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        let got: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        let xs: Vec<f32> = x.as_tensor().to_vec1()?;
+        for i in 0..xs.len() {
+            assert_eq!(got[i].to_bits(), (xs[i] * mask[i]).to_bits(), "element {i}");
+        }
+        let g = y.sum_all()?.backward()?;
+        let dx: Vec<f32> = g.get(x.as_tensor()).unwrap().to_vec1()?;
+        assert_eq!(dx, mask);
+        Ok(())
+    }
+
+    #[test]
+    fn the_dropout_op_casts_bf16_activations_to_the_adapters_f32() -> Result<()> {
+        // The cast and the mask are one pass: bf16 in, f32 out (the bf16 value times the f32
+        // factor); the gradient goes back in bf16.
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 2.0,
+            dropout: 0.25,
+            rslora: false,
+        };
+        let l = LoraAdapter::init(&cfg, 30, 3, 5, &Device::Cpu)?;
+        let x32 = Tensor::from_vec(values(7 * 30, 9), (7, 30), &Device::Cpu)?;
+        let x = Var::from_tensor(&x32.to_dtype(DType::BF16)?)?;
+        let mut rng = l.stream.lock().unwrap().rng().clone();
+        let y = l.dropout(x.as_tensor())?;
+        assert_eq!(y.dtype(), DType::F32);
+        let xs: Vec<f32> = x
+            .as_tensor()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let got: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        let keep = 1.0 / (1.0 - 0.25f32);
+        let mask: Vec<f32> = (0..xs.len())
+            .map(|_| if rng.next_f32() < 0.25 { 0.0 } else { keep })
+            .collect();
+        for i in 0..xs.len() {
+            assert_eq!(got[i].to_bits(), (xs[i] * mask[i]).to_bits(), "element {i}");
+        }
+        let g = y.sum_all()?.backward()?;
+        let dx = g.get(x.as_tensor()).unwrap();
+        assert_eq!(dx.dtype(), DType::BF16);
+        let dx: Vec<f32> = dx.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let want: Vec<f32> = mask
+            .iter()
+            .map(|&m| half::bf16::from_f32(m).to_f32())
+            .collect();
+        assert_eq!(dx, want);
+        Ok(())
+    }
+
+    #[test]
     fn dropout_is_inverted_and_seeded() -> Result<()> {
         let cfg = LoraConfig {
             rank: 2,
@@ -997,7 +1467,7 @@ mod tests {
         let a = Var::from_tensor(&(t(values(r * inp, 6), &[r, inp]) * 0.1).unwrap()).unwrap();
         let b = Var::from_tensor(&(t(values(out * r, 7), &[out, r]) * 0.1).unwrap()).unwrap();
         let lora = LoraAdapter::from_vars(a, b, 0.5, 0.0, 0).unwrap();
-        let mut lin = QLoraLinear::with_adapter(nf4, Some(lora)).unwrap();
+        let mut lin = QLoraLinear::with_adapter(nf4, Some(lora), &Device::Cpu).unwrap();
         lin.set_tile_elems(1);
         assert_eq!(lin.tile_rows(), 8);
         // Train mode (dropout 0: the same map), where the adapter's product is differentiable.
@@ -1064,11 +1534,12 @@ mod tests {
         for v in vars.iter().chain([&x]) {
             assert!(grads.get(v.as_tensor()).is_some());
         }
-        assert!(
-            QLoraLinear::frozen(Nf4Tensor::quantize_f32(&values(64, 1), &[8, 8]))?
-                .trainable_vars()
-                .is_empty()
-        );
+        assert!(QLoraLinear::frozen(
+            Nf4Tensor::quantize_f32(&values(64, 1), &[8, 8]),
+            &Device::Cpu
+        )?
+        .trainable_vars()
+        .is_empty());
         Ok(())
     }
 

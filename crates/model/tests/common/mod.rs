@@ -8,10 +8,16 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use tempfile::TempDir;
 
+/// The repository's `fixtures/`, or `$RUPANTOR_FIXTURES` (a GPU bundle runs its test binaries
+/// away from the source tree they were built in).
+pub fn fixtures_root() -> PathBuf {
+    std::env::var_os("RUPANTOR_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
+}
+
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/gemma_tiny")
-        .join(name)
+    fixtures_root().join("gemma_tiny").join(name)
 }
 
 /// The HF reference outputs written by scripts/fixtures/gemma_tiny.py.
