@@ -22,11 +22,21 @@ pub fn global_grad_norm(grads: &[&[f32]]) -> f32 {
     total.sqrt() as f32
 }
 
+/// torch's clip coefficient for a finite total norm: `max_norm / (total + 1e-6)`, formed in f32
+/// as torch forms it (`max_norm / t` on a tensor is `t.reciprocal() * max_norm`), capped at 1.
+pub fn clip_coefficient(total: f32, max_norm: f32) -> f32 {
+    let coef = (1.0 / (total + 1e-6f32)) * max_norm;
+    if coef > 1.0 {
+        1.0
+    } else {
+        coef
+    }
+}
+
 /// Scale every gradient by `min(max_norm / (total_norm + 1e-6), 1)` and return the total norm
 /// before clipping.
 ///
-/// The coefficient is formed in f32 as torch does (`max_norm / t` on a tensor is
-/// `t.reciprocal() * max_norm`). A non-finite norm leaves the gradients untouched (torch would
+/// The coefficient is [`clip_coefficient`]'s. A non-finite norm leaves the gradients untouched (torch would
 /// multiply them by NaN) and is returned so the caller can stop the run on it.
 pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
     let views: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
@@ -34,8 +44,7 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
     if !total.is_finite() {
         return total;
     }
-    let coef = (1.0 / (total + 1e-6f32)) * max_norm;
-    let coef = if coef > 1.0 { 1.0 } else { coef };
+    let coef = clip_coefficient(total, max_norm);
     for g in grads.iter_mut() {
         g.par_iter_mut().for_each(|x| *x *= coef);
     }

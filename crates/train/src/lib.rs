@@ -28,7 +28,7 @@ pub use adapter::{
     load_adapter_weights, read_adapter, save_adapter, AdapterConfig, AdapterWeights,
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
 };
-pub use clip::{clip_grad_norm, global_grad_norm};
+pub use clip::{clip_coefficient, clip_grad_norm, global_grad_norm};
 pub use lora::{BaseFormat, DropoutClock, LoraBuilder, LoraLinear, LoraModel, LoraSpec};
 pub use optim::{
     AdamW, AdamW8bit, AdamWConfig, Optimizer, PagedOptions, ParamRef, ParamSpec, StateDict,

@@ -68,6 +68,9 @@ pub struct LoraSpec {
     /// Seeds the A initialisation and the dropout streams.
     pub seed: u64,
     pub base: BaseFormat,
+    /// The model's activation dtype (f32 on the CPU; bf16 trains on a GPU). The adapters are
+    /// f32 master weights either way.
+    pub dtype: DType,
 }
 
 impl LoraSpec {
@@ -83,6 +86,7 @@ impl LoraSpec {
             targets: ALL_TARGETS.to_vec(),
             seed: 0,
             base: BaseFormat::Nf4,
+            dtype: DType::F32,
         }
     }
 }
@@ -245,12 +249,16 @@ impl LinearBuilder for LoraBuilder {
     fn build(&mut self, w: LinearWeight) -> candle_core::Result<Box<dyn Linear>> {
         if w.role == LinearRole::LmHead {
             return Ok(Box::new(DenseLinear::new(
-                w.weight.to_device(&self.device)?,
+                w.weight
+                    .to_device(&self.device)?
+                    .to_dtype(self.spec.dtype)?,
             )?));
         }
         let base: Box<dyn Linear> = match self.spec.base {
             BaseFormat::Dense => Box::new(DenseLinear::new(
-                w.weight.to_dtype(DType::F32)?.to_device(&self.device)?,
+                w.weight
+                    .to_device(&self.device)?
+                    .to_dtype(self.spec.dtype)?,
             )?),
             BaseFormat::Nf4 => {
                 let shape = w.weight.dims().to_vec();
@@ -259,16 +267,23 @@ impl LinearBuilder for LoraBuilder {
                     .to_dtype(DType::F32)?
                     .flatten_all()?
                     .to_vec1::<f32>()?;
-                Box::new(QLoraLinear::frozen(Nf4Tensor::quantize_f32(&data, &shape))?)
+                Box::new(QLoraLinear::frozen(
+                    Nf4Tensor::quantize_f32(&data, &shape),
+                    &self.device,
+                )?)
             }
         };
         self.wrap(w.name, w.role, w.layer, base)
     }
 
+    fn dtype(&self) -> DType {
+        self.spec.dtype
+    }
+
     fn build_quantized(&mut self, w: QuantizedWeight) -> candle_core::Result<Box<dyn Linear>> {
         match self.spec.base {
             BaseFormat::Nf4 => {
-                let base = Box::new(QLoraLinear::frozen(w.weight)?);
+                let base = Box::new(QLoraLinear::frozen(w.weight, &self.device)?);
                 self.wrap(w.name, w.role, w.layer, base)
             }
             BaseFormat::Dense => {
@@ -339,6 +354,7 @@ impl LoraModel {
         model_path: &Path,
         adapter_dir: &Path,
         device: &Device,
+        dtype: DType,
         base: BaseFormat,
     ) -> Result<Self> {
         let cfg = crate::adapter::AdapterConfig::load(adapter_dir)?;
@@ -347,6 +363,7 @@ impl LoraModel {
             targets: cfg.targets.clone(),
             seed: 0,
             base,
+            dtype,
         };
         let m = Self::build(spec, device, |b| {
             let mut head = InferenceBuilder::new(b, device.is_cpu());

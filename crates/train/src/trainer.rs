@@ -6,9 +6,18 @@
 //! One optimizer step takes `grad_accum` micro-batches of the epoch's shuffled batch order (the
 //! last step of an epoch takes what is left). The step's loss is HF Trainer's: the summed
 //! next-token NLL of all its micro-batches over the number of loss tokens in them, so a
-//! micro-batch's weight is its token count. Gradients are accumulated on the host per LoRA
-//! tensor, checked for NaN/inf per micro-batch, clipped to the global norm, and handed to the
-//! optimizer with the learning rate of the schedule.
+//! micro-batch's weight is its token count. Gradients are accumulated per LoRA tensor, checked
+//! for NaN/inf per micro-batch, clipped to the global norm, and handed to the optimizer with the
+//! learning rate of the schedule.
+//!
+//! Where that happens depends on the model's device ([`StepPath`]): on the CPU, host copies of
+//! every LoRA tensor are kept and the gradients are accumulated, clipped and stepped as host
+//! slices; on a GPU everything stays on the device (gradients accumulated as device tensors,
+//! one host synchronisation per micro-batch for the NaN/inf check and one per step for the
+//! norm, the optimizer stepping the variables in place with its state paged through host
+//! memory), and LoRA values come to the host only for checkpoints, the best-adapter snapshot
+//! and the saved adapter. Both paths compute the same step; the checkpoints are the same files,
+//! so a run checkpointed on one device resumes on the other.
 //!
 //! Everything that decides the numbers is part of a checkpoint: the adapter (exact f32), the
 //! optimizer state ([`StateDict`]), the step, the epoch, the position in the epoch's batch order
@@ -32,7 +41,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use rupantor_data::Problem;
 use rupantor_model::linear::LinearRole;
@@ -43,7 +53,7 @@ use serde_json::json;
 use crate::adapter::{
     peft_key, save_adapter, AdapterConfig, AdapterWeights, Half, ADAPTER_WEIGHTS_FILE,
 };
-use crate::clip::clip_grad_norm;
+use crate::clip::{clip_coefficient, clip_grad_norm, global_grad_norm};
 use crate::fsutil::{sync_dir, write_atomic};
 use crate::lora::{role_from_module, BaseFormat, LoraModel, LoraSpec, ALL_TARGETS};
 use crate::optim::{AdamW, AdamW8bit, AdamWConfig, Optimizer, ParamRef, ParamSpec, StateDict};
@@ -188,6 +198,7 @@ impl TrainConfig {
             targets: self.target_roles()?,
             seed: self.seed,
             base: self.base_format,
+            dtype: candle_core::DType::F32,
         })
     }
 
@@ -355,6 +366,20 @@ pub fn train_with_hooks(
     out_dir: &Path,
     hooks: TrainHooks<'_>,
 ) -> Result<TrainReport> {
+    let path = StepPath::for_device(model.model().device());
+    train_on_path(model, encoder, pool, cfg, out_dir, hooks, path)
+}
+
+/// [`train_with_hooks`] on a given [`StepPath`] (the tests run the device path on the CPU).
+fn train_on_path(
+    model: &LoraModel,
+    encoder: &dyn ChatEncoder,
+    pool: &[Problem],
+    cfg: &TrainConfig,
+    out_dir: &Path,
+    hooks: TrainHooks<'_>,
+    path: StepPath,
+) -> Result<TrainReport> {
     cfg.validate()?;
     let want = cfg.lora_spec()?;
     let have = model.spec();
@@ -370,9 +395,29 @@ pub fn train_with_hooks(
         want.base
     );
     std::fs::create_dir_all(out_dir).with_context(|| format!("create {}", out_dir.display()))?;
-    let mut run = Run::new(model, encoder, pool, cfg, out_dir)?;
+    let mut run = Run::new(model, encoder, pool, cfg, out_dir, path)?;
     run.start()?;
     run.main_loop(hooks)
+}
+
+/// Where a step accumulates, checks and clips gradients and runs the optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepPath {
+    /// Host copies of every LoRA tensor, gradients summed on the host per micro-batch (the CPU
+    /// path, where tensors live on the host anyway).
+    Host,
+    /// Gradients, norm, clipping and the optimizer update as tensors on the model's device.
+    Device,
+}
+
+impl StepPath {
+    fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            StepPath::Host
+        } else {
+            StepPath::Device
+        }
+    }
 }
 
 /// One metrics record.
@@ -393,8 +438,10 @@ struct Run<'a> {
     val_batches: Vec<Batch>,
     vars: Vec<Var>,
     names: Vec<String>,
-    /// Host copies of the trainable tensors (what the optimizer updates).
-    params: Vec<Vec<f32>>,
+    /// Host copies of the trainable tensors, what the optimizer updates on [`StepPath::Host`];
+    /// `None` on [`StepPath::Device`], where the optimizer updates `vars` in place.
+    params: Option<Vec<Vec<f32>>>,
+    /// Host values of the best adapter so far.
     best: Option<Vec<Vec<f32>>>,
     optimizer: Box<dyn Optimizer>,
     schedule: CosineWithWarmup,
@@ -415,10 +462,129 @@ fn var_values(v: &Var) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
+/// A gradient's finite elements subtract to exactly 0 and a NaN or infinity to NaN, so this sum
+/// of all of them is 0 exactly when every element is finite (a scalar on the gradient's device).
+#[allow(clippy::eq_op)] // x - x is the probe: 0 for finite x, NaN for NaN and infinities
+fn non_finite_probe(g: &Tensor) -> Result<Tensor> {
+    Ok((g - g)?.sum_all()?)
+}
+
 fn set_var(v: &Var, values: &[f32]) -> Result<()> {
     let t = Tensor::from_slice(values, v.dims(), v.device())?.to_dtype(v.dtype())?;
     v.set(&t)?;
     Ok(())
+}
+
+/// One step's gradients, summed over its micro-batches, per trainable tensor.
+enum StepGrads {
+    /// [`StepPath::Host`]: host sums, zero where no loss token reached a tensor.
+    Host(Vec<Vec<f32>>),
+    /// [`StepPath::Device`]: f32 tensors on the model's device, `None` until a micro-batch's
+    /// loss reaches the tensor.
+    Device(Vec<Option<Tensor>>),
+}
+
+impl StepGrads {
+    /// Adds one micro-batch's gradients of `vars`. When one of them holds a NaN or an infinity,
+    /// returns the first such value (in variable order, then element order) instead, and the
+    /// sums are not to be used.
+    fn add(&mut self, vars: &[Var], grads: &GradStore) -> Result<Option<f32>> {
+        match self {
+            StepGrads::Host(acc) => {
+                for (acc, v) in acc.iter_mut().zip(vars) {
+                    let Some(t) = grads.get(v.as_tensor()) else {
+                        continue; // no loss token reached this adapter
+                    };
+                    let vals = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    if let Some(bad) = vals.iter().find(|x| !x.is_finite()) {
+                        return Ok(Some(*bad));
+                    }
+                    for (a, x) in acc.iter_mut().zip(vals) {
+                        *a += x;
+                    }
+                }
+            }
+            StepGrads::Device(acc) => {
+                let mut got = Vec::new();
+                let mut probes = Vec::new();
+                for (i, v) in vars.iter().enumerate() {
+                    let Some(t) = grads.get(v.as_tensor()) else {
+                        continue; // no loss token reached this adapter
+                    };
+                    let t = t.to_dtype(DType::F32)?;
+                    probes.push(non_finite_probe(&t)?);
+                    got.push((i, t));
+                }
+                if probes.is_empty() {
+                    return Ok(None);
+                }
+                // One synchronisation per micro-batch; the gradients come to the host only to
+                // name the bad value.
+                let probe = Tensor::stack(&probes, 0)?.sum_all()?.to_scalar::<f32>()?;
+                if probe != 0.0 {
+                    for (_, t) in &got {
+                        let vals = t.flatten_all()?.to_vec1::<f32>()?;
+                        if let Some(bad) = vals.iter().find(|x| !x.is_finite()) {
+                            return Ok(Some(*bad));
+                        }
+                    }
+                    return Ok(Some(probe));
+                }
+                for (i, t) in got {
+                    acc[i] = Some(match acc[i].take() {
+                        None => t,
+                        Some(a) => (a + t)?,
+                    });
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The global L2 norm of the sums, which are then clipped to `max_norm` as
+    /// [`clip_grad_norm`] clips (`max_norm` 0: no clipping). A non-finite norm leaves them as
+    /// they are and is returned for the caller to stop on.
+    fn clip(&mut self, max_norm: f32) -> Result<f32> {
+        match self {
+            StepGrads::Host(grads) => {
+                let mut views: Vec<&mut [f32]> =
+                    grads.iter_mut().map(|g| g.as_mut_slice()).collect();
+                Ok(if max_norm > 0.0 {
+                    clip_grad_norm(&mut views, max_norm)
+                } else {
+                    let v: Vec<&[f32]> = views.iter().map(|g| &**g).collect();
+                    global_grad_norm(&v)
+                })
+            }
+            StepGrads::Device(grads) => {
+                // Squares summed in f64 as on the host (in the device's order), one
+                // synchronisation for the total.
+                let squares = grads
+                    .iter()
+                    .flatten()
+                    .map(|g| Ok(g.to_dtype(DType::F64)?.sqr()?.sum_all()?))
+                    .collect::<Result<Vec<_>>>()?;
+                let total = if squares.is_empty() {
+                    0.0
+                } else {
+                    Tensor::stack(&squares, 0)?
+                        .sum_all()?
+                        .to_scalar::<f64>()?
+                        .sqrt() as f32
+                };
+                if max_norm > 0.0 && total.is_finite() {
+                    let coef = clip_coefficient(total, max_norm);
+                    // A coefficient of 1 leaves every gradient as it is.
+                    if coef < 1.0 {
+                        for g in grads.iter_mut().flatten() {
+                            *g = (&*g * f64::from(coef))?;
+                        }
+                    }
+                }
+                Ok(total)
+            }
+        }
+    }
 }
 
 impl<'a> Run<'a> {
@@ -428,6 +594,7 @@ impl<'a> Run<'a> {
         pool: &[Problem],
         cfg: &'a TrainConfig,
         out_dir: &Path,
+        path: StepPath,
     ) -> Result<Self> {
         let data = SftData::build(pool, encoder, &cfg.sft(), cfg.seed)?;
         let batches = data.train_batches(cfg.micro_batch);
@@ -456,7 +623,10 @@ impl<'a> Run<'a> {
             OptimizerKind::Adamw8bit => Box::new(AdamW8bit::new(specs, cfg.adamw())?),
             OptimizerKind::Adamw => Box::new(AdamW::new(specs, cfg.adamw())?),
         };
-        let params = vars.iter().map(var_values).collect::<Result<Vec<_>>>()?;
+        let params = match path {
+            StepPath::Host => Some(vars.iter().map(var_values).collect::<Result<Vec<_>>>()?),
+            StepPath::Device => None,
+        };
         let mut order_rng = SplitMix64::new(cfg.seed ^ 0x0DE5_0DE5_0DE5_0DE5);
         let mut order: Vec<usize> = (0..batches.len()).collect();
         order_rng.shuffle(&mut order);
@@ -584,7 +754,9 @@ impl<'a> Run<'a> {
         );
         let weights = AdapterWeights::read(&dir.join(ADAPTER_WEIGHTS_FILE))?;
         weights.apply(self.model.adapters())?;
-        self.params = self.vars.iter().map(var_values).collect::<Result<_>>()?;
+        if let Some(params) = &mut self.params {
+            *params = self.vars.iter().map(var_values).collect::<Result<_>>()?;
+        }
         self.optimizer
             .load_state_dict(&StateDict::load(dir.join(OPTIMIZER_FILE))?)?;
         ensure!(
@@ -749,7 +921,10 @@ impl<'a> Run<'a> {
         let picks = self.step_batches();
         let total_loss_tokens: usize = picks.iter().map(|&i| self.batches[i].loss_tokens).sum();
         let denom = total_loss_tokens.max(1) as f64;
-        let mut grads: Vec<Vec<f32>> = self.params.iter().map(|p| vec![0f32; p.len()]).collect();
+        let mut grads = match &self.params {
+            Some(params) => StepGrads::Host(params.iter().map(|p| vec![0f32; p.len()]).collect()),
+            None => StepGrads::Device(vec![None; self.vars.len()]),
+        };
         let mut loss_sum = 0f64;
         let mut tokens = 0;
         self.model.set_training(true);
@@ -772,40 +947,19 @@ impl<'a> Run<'a> {
                 return Err(self.diverged(step, k + 1, &batch.problems, "loss", lg.loss_sum));
             }
             loss_sum += lg.loss_sum;
-            let g = lg.grads;
-            for (acc, v) in grads.iter_mut().zip(&self.vars) {
-                let Some(t) = g.get(v.as_tensor()) else {
-                    continue; // no loss token reached this adapter
-                };
-                let vals = t
-                    .flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?;
-                if let Some(bad) = vals.iter().find(|x| !x.is_finite()) {
-                    self.model.set_training(false);
-                    return Err(self.diverged(
-                        step,
-                        k + 1,
-                        &batch.problems,
-                        "gradient",
-                        f64::from(*bad),
-                    ));
-                }
-                for (a, x) in acc.iter_mut().zip(vals) {
-                    *a += x;
-                }
+            if let Some(bad) = grads.add(&self.vars, &lg.grads)? {
+                self.model.set_training(false);
+                return Err(self.diverged(
+                    step,
+                    k + 1,
+                    &batch.problems,
+                    "gradient",
+                    f64::from(bad),
+                ));
             }
         }
         self.model.set_training(false);
-        let norm = {
-            let mut views: Vec<&mut [f32]> = grads.iter_mut().map(|g| g.as_mut_slice()).collect();
-            if self.cfg.clip > 0.0 {
-                clip_grad_norm(&mut views, self.cfg.clip)
-            } else {
-                let v: Vec<&[f32]> = views.iter().map(|g| &**g).collect();
-                crate::clip::global_grad_norm(&v)
-            }
-        };
+        let norm = grads.clip(self.cfg.clip)?;
         if !norm.is_finite() {
             let problems: Vec<u64> = picks
                 .iter()
@@ -814,20 +968,49 @@ impl<'a> Run<'a> {
             return Err(self.diverged(step, 0, &problems, "gradient norm", f64::from(norm)));
         }
         self.optimizer.set_lr(self.schedule.lr_at(step - 1));
-        {
-            let mut refs: Vec<ParamRef<'_>> = self
-                .params
-                .iter_mut()
-                .zip(&grads)
-                .map(|(p, g)| ParamRef::new(p, g))
-                .collect();
-            self.optimizer.step(&mut refs)?;
-        }
-        for (v, p) in self.vars.iter().zip(&self.params) {
-            set_var(v, p)?;
+        match grads {
+            StepGrads::Host(grads) => {
+                let params = self
+                    .params
+                    .as_mut()
+                    .expect("the host path keeps host copies");
+                let mut refs: Vec<ParamRef<'_>> = params
+                    .iter_mut()
+                    .zip(&grads)
+                    .map(|(p, g)| ParamRef::new(p, g))
+                    .collect();
+                self.optimizer.step(&mut refs)?;
+                for (v, p) in self.vars.iter().zip(params.iter()) {
+                    set_var(v, p)?;
+                }
+            }
+            StepGrads::Device(grads) => {
+                let pairs = self
+                    .vars
+                    .iter()
+                    .zip(grads)
+                    .map(|(v, g)| {
+                        let g = match g {
+                            Some(g) => g,
+                            // No loss token reached this adapter in the whole step.
+                            None => Tensor::zeros(v.shape(), DType::F32, v.device())?,
+                        };
+                        Ok((v.clone(), g))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                self.optimizer.step_tensors(&pairs)?;
+            }
         }
         self.state.step = step;
         Ok((loss_sum / denom, f64::from(norm), tokens))
+    }
+
+    /// Host values of the trainable tensors now.
+    fn snapshot(&self) -> Result<Vec<Vec<f32>>> {
+        match &self.params {
+            Some(params) => Ok(params.clone()),
+            None => self.vars.iter().map(var_values).collect(),
+        }
     }
 
     /// Validation loss (mean NLL over all validation loss tokens), early-stopping bookkeeping,
@@ -857,7 +1040,7 @@ impl<'a> Run<'a> {
             self.state.best_val_loss = Some(val);
             self.state.best_step = Some(step);
             self.state.bad_evals = 0;
-            self.best = Some(self.params.clone());
+            self.best = Some(self.snapshot()?);
         } else {
             self.state.bad_evals += 1;
         }
@@ -996,7 +1179,7 @@ impl<'a> Run<'a> {
             truncated: self.data.truncated.clone(),
             tokens: self.tokens,
             wall_s: self.started.elapsed().as_secs_f64(),
-            trainable_params: self.params.iter().map(Vec::len).sum(),
+            trainable_params: self.vars.iter().map(|v| v.elem_count()).sum(),
             optimizer_state_bytes_per_param: self.optimizer.state_bytes_per_param(),
             out_dir: self.out.clone(),
         })
@@ -1035,6 +1218,299 @@ mod tests {
             ..TrainConfig::default()
         };
         assert!(bad.validate().unwrap_err().to_string().contains("lm_head"));
+    }
+
+    /// The device path ([`StepPath::Device`]) run on the CPU against the host path: the same
+    /// training, checkpoints that resume across the paths, early stopping with the best adapter
+    /// restored. (On a GPU the device path is the only one; this checks its logic without one.)
+    mod device_path {
+        use super::*;
+        use crate::adapter::AdapterWeights;
+        use rupantor_model::Tokenizer;
+
+        fn tiny() -> PathBuf {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gemma_tiny/gemma2")
+        }
+
+        fn tokenizer() -> Tokenizer {
+            Tokenizer::from_tokenizer_json(tiny().join("tokenizer.json")).unwrap()
+        }
+
+        fn pool(diverging: bool) -> Vec<Problem> {
+            (1..=24u64)
+                .map(|i| Problem {
+                    id: i,
+                    instruction: format!("write a function that adds {i} to its input"),
+                    test_list: vec![format!("assert f(1) == {}", i + 1)],
+                    response: Some(match (diverging, i % 6) {
+                        (true, 0) => format!("lambda value: value * {i}"),
+                        (true, _) => "def f(x):\n    return x".into(),
+                        (false, _) => format!("def f(x):\n    return x + {i}"),
+                    }),
+                })
+                .collect()
+        }
+
+        /// r 64 on the tiny model: A [64, 64] keeps 8-bit state, the k/v B [32, 64] f32 state;
+        /// a clip low enough to act.
+        fn config() -> TrainConfig {
+            TrainConfig {
+                rank: 64,
+                alpha: 32.0,
+                dropout: 0.2,
+                lr: 1e-3,
+                warmup_ratio: 0.1,
+                epochs: 2,
+                micro_batch: 2,
+                grad_accum: 4,
+                clip: 0.05,
+                eval_every: 2,
+                checkpoint_every: 2,
+                max_len: 64,
+                progress: false,
+                ..TrainConfig::default()
+            }
+        }
+
+        fn run(
+            cfg: &TrainConfig,
+            out: &Path,
+            diverging: bool,
+            path: StepPath,
+            hooks: TrainHooks<'_>,
+        ) -> Result<TrainReport> {
+            let m = LoraModel::load(&tiny(), &Device::Cpu, cfg.lora_spec()?)?;
+            train_on_path(&m, &tokenizer(), &pool(diverging), cfg, out, hooks, path)
+        }
+
+        fn adapter(dir: &Path) -> AdapterWeights {
+            AdapterWeights::read(&dir.join(ADAPTER_WEIGHTS_FILE)).unwrap()
+        }
+
+        /// The paths differ only in how the f64 sum of squares of the norm is ordered (and the
+        /// sign of zero gradients), so their adapters agree to f32 rounding.
+        fn assert_close(a: &AdapterWeights, b: &AdapterWeights, what: &str) {
+            assert_eq!(a.tensors.len(), b.tensors.len());
+            let mut worst = 0f32;
+            for (name, (shape, x)) in &a.tensors {
+                let (shape_b, y) = &b.tensors[name];
+                assert_eq!(shape, shape_b, "{what}: {name}");
+                for (p, q) in x.iter().zip(y) {
+                    worst = worst.max((p - q).abs() / p.abs().max(1e-3));
+                }
+            }
+            assert!(
+                worst <= 1e-5,
+                "{what}: adapters differ by {worst:e} (relative)"
+            );
+        }
+
+        fn train_losses(dir: &Path) -> Vec<f64> {
+            read_metrics(&dir.join(METRICS_FILE))
+                .unwrap()
+                .iter()
+                .filter(|m| m.kind == "train")
+                .map(|m| m.values["loss"].as_f64().unwrap())
+                .collect()
+        }
+
+        #[test]
+        fn trains_as_the_host_path_and_resumes_across_paths() {
+            let cfg = config();
+            let host = tempfile::tempdir().unwrap();
+            let device = tempfile::tempdir().unwrap();
+            let rh = run(
+                &cfg,
+                host.path(),
+                false,
+                StepPath::Host,
+                TrainHooks::default(),
+            )
+            .unwrap();
+            let rd = run(
+                &cfg,
+                device.path(),
+                false,
+                StepPath::Device,
+                TrainHooks::default(),
+            )
+            .unwrap();
+            assert_eq!((rd.steps, rd.total_steps), (rh.steps, rh.total_steps));
+            assert_eq!(rd.trainable_params, rh.trainable_params);
+            assert!(rd.best_step.is_some());
+            assert_close(&adapter(host.path()), &adapter(device.path()), "whole runs");
+            let (lh, ld) = (train_losses(host.path()), train_losses(device.path()));
+            assert_eq!(lh.len(), ld.len());
+            for (a, b) in lh.iter().zip(&ld) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs(),
+                    "train losses {lh:?} vs {ld:?}"
+                );
+            }
+
+            // Killed before step 4 on one path, resumed from the step-2 checkpoint on the other.
+            for (first, then) in [
+                (StepPath::Device, StepPath::Host),
+                (StepPath::Host, StepPath::Device),
+            ] {
+                let cut = tempfile::tempdir().unwrap();
+                let hooks = TrainHooks {
+                    before_step: Some(Box::new(|step, _: &LoraModel| {
+                        ensure!(step != 4, "killed");
+                        Ok(())
+                    })),
+                };
+                let e = run(&cfg, cut.path(), false, first, hooks).unwrap_err();
+                assert_eq!(e.to_string(), "killed");
+                let resumed = TrainConfig {
+                    resume: true,
+                    ..cfg.clone()
+                };
+                let r = run(&resumed, cut.path(), false, then, TrainHooks::default()).unwrap();
+                assert_eq!((r.resumed_from, r.steps), (Some(2), rh.steps));
+                assert_close(
+                    &adapter(host.path()),
+                    &adapter(cut.path()),
+                    &format!("{first:?} checkpoint resumed on {then:?}"),
+                );
+            }
+        }
+
+        #[test]
+        fn early_stopping_restores_the_best_adapter_as_the_host_path_does() {
+            let cfg = TrainConfig {
+                lr: 2e-2,
+                epochs: 20,
+                eval_every: 1,
+                patience: 3,
+                clip: 1.0,
+                ..config()
+            };
+            let host = tempfile::tempdir().unwrap();
+            let device = tempfile::tempdir().unwrap();
+            let rh = run(
+                &cfg,
+                host.path(),
+                true,
+                StepPath::Host,
+                TrainHooks::default(),
+            )
+            .unwrap();
+            let rd = run(
+                &cfg,
+                device.path(),
+                true,
+                StepPath::Device,
+                TrainHooks::default(),
+            )
+            .unwrap();
+            assert!(rh.early_stopped && rd.early_stopped, "{rh:?}");
+            assert_eq!((rd.best_step, rd.steps), (rh.best_step, rh.steps));
+            assert_close(
+                &adapter(host.path()),
+                &adapter(device.path()),
+                "best adapters",
+            );
+        }
+
+        fn vars() -> Vec<Var> {
+            [(2, 3), (4, 1), (3, 3)]
+                .into_iter()
+                .map(|s| Var::zeros(s, DType::F32, &Device::Cpu).unwrap())
+                .collect()
+        }
+
+        fn store(vars: &[Var], values: &[Option<Vec<f32>>]) -> GradStore {
+            let mut g = GradStore::default();
+            for (v, x) in vars.iter().zip(values) {
+                if let Some(x) = x {
+                    g.insert(v, Tensor::from_slice(x, v.shape(), &Device::Cpu).unwrap());
+                }
+            }
+            g
+        }
+
+        fn device_sums(g: &StepGrads) -> Vec<Option<Vec<f32>>> {
+            let StepGrads::Device(acc) = g else {
+                unreachable!("device sums")
+            };
+            acc.iter()
+                .map(|t| {
+                    t.as_ref()
+                        .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+                })
+                .collect()
+        }
+
+        #[test]
+        fn gradients_sum_check_and_clip_as_on_the_host() {
+            let vars = vars();
+            let mut host =
+                StepGrads::Host(vars.iter().map(|v| vec![0.0; v.elem_count()]).collect());
+            let mut device = StepGrads::Device(vec![None; vars.len()]);
+            let micro = [
+                vec![
+                    Some(vec![1.0, -2.0, 0.5, 0.0, 3.0, -1.0]),
+                    None,
+                    Some(vec![0.25; 9]),
+                ],
+                vec![Some(vec![0.5; 6]), None, Some(vec![-1.0; 9])],
+            ];
+            for m in &micro {
+                let g = store(&vars, m);
+                assert_eq!(host.add(&vars, &g).unwrap(), None);
+                assert_eq!(device.add(&vars, &g).unwrap(), None);
+            }
+            let sums = device_sums(&device);
+            let StepGrads::Host(h) = &host else {
+                unreachable!("host sums")
+            };
+            assert_eq!(sums[0].as_deref(), Some(&h[0][..]));
+            assert_eq!(sums[1], None, "no micro-batch reached the second tensor");
+            assert_eq!(h[1], vec![0.0; 4]);
+            assert_eq!(sums[2].as_deref(), Some(&h[2][..]));
+
+            let (nh, nd) = (host.clip(1.0).unwrap(), device.clip(1.0).unwrap());
+            assert_eq!(nh, nd);
+            assert!(nh > 1.0, "{nh}");
+            let StepGrads::Host(h) = &host else {
+                unreachable!("host sums")
+            };
+            let sums = device_sums(&device);
+            for (a, b) in h[0]
+                .iter()
+                .chain(&h[2])
+                .zip(sums[0].iter().chain(&sums[2]).flatten())
+            {
+                assert_eq!(a.to_bits(), b.to_bits(), "clipped {a} vs {b}");
+            }
+            // Below the threshold nothing changes.
+            assert_eq!(device.clip(100.0).unwrap(), host.clip(100.0).unwrap());
+            assert_eq!(device_sums(&device), sums);
+        }
+
+        #[test]
+        fn a_non_finite_gradient_is_named_as_on_the_host() {
+            let vars = vars();
+            let bad = [
+                Some(vec![0.5; 6]),
+                Some(vec![1.0, f32::NEG_INFINITY, f32::NAN, 2.0]),
+                Some(vec![f32::NAN; 9]),
+            ];
+            let g = store(&vars, &bad);
+            let mut host =
+                StepGrads::Host(vars.iter().map(|v| vec![0.0; v.elem_count()]).collect());
+            let mut device = StepGrads::Device(vec![None; vars.len()]);
+            assert_eq!(host.add(&vars, &g).unwrap(), Some(f32::NEG_INFINITY));
+            assert_eq!(device.add(&vars, &g).unwrap(), Some(f32::NEG_INFINITY));
+            // A huge but finite gradient is no divergence, and its square, which overflows
+            // f32, does not overflow the f64 sum of the norm.
+            let g = store(&vars, &[Some(vec![1e20; 6]), None, None]);
+            let mut device = StepGrads::Device(vec![None; vars.len()]);
+            assert_eq!(device.add(&vars, &g).unwrap(), None);
+            let norm = device.clip(1.0).unwrap();
+            assert_eq!(norm, (6f64.sqrt() * 1e20) as f32);
+        }
     }
 
     #[test]

@@ -62,6 +62,7 @@ fn spec(base: BaseFormat) -> LoraSpec {
         targets: cfg.targets,
         seed: 0,
         base,
+        dtype: DType::F32,
     }
 }
 

@@ -186,6 +186,30 @@ impl Default for Codec8 {
     }
 }
 
+/// Grid points of bitsandbytes' CPU code search (see [`CodeLut`]).
+const GRID: usize = 1 << 16;
+
+/// The code table of [`CodeLut`] in the form a device kernel searches: `starts[q]` is the first
+/// of the 65536 grid points whose code is at least `q` (`GRID` when none is), so the code of
+/// grid point `c` is the largest `q` with `starts[q] <= c`. Built by the same walk as
+/// `CodeLut::new` (grid values `2c/65535 - 1` against the midpoints of neighbouring map
+/// entries), so `kernels/adamw.cu` picks exactly the code `CodeLut::code_of` picks, ties and
+/// all.
+pub fn code_starts(map: &[f32; MAP_SIZE]) -> [u32; MAP_SIZE] {
+    let mids: Vec<f32> = map.windows(2).map(|w| (w[0] + w[1]) * 0.5).collect();
+    let mut starts = [GRID as u32; MAP_SIZE];
+    starts[0] = 0;
+    let mut code = 0usize;
+    for c in 0..GRID {
+        let v = (c as f32 + c as f32) / 65535.0 - 1.0;
+        while code < MAP_SIZE - 1 && v > mids[code] {
+            code += 1;
+            starts[code] = c as u32;
+        }
+    }
+    starts
+}
+
 /// bitsandbytes' `_optimizer_update_8bit_blockwise_cpu` for `adam`, one step's scalars.
 #[derive(Debug, Clone, Copy)]
 pub struct Bnb8Step {
@@ -317,3 +341,79 @@ fma_dispatch!(
     ),
     k.apply_block(codec, p, g, codes1, codes2, absmax1, absmax2, f32::sqrt)
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The grid point `CodeLut::code_of` (and `code_of` in kernels/adamw.cu) rounds a value
+    /// already scaled by its block's reciprocal absmax to.
+    fn grid_of(scaled: f32) -> u32 {
+        if scaled.is_nan() {
+            return 0;
+        }
+        let v = scaled.clamp(-1.0, 1.0);
+        65535f32.mul_add((v + 1.0) * 0.5, 0.5) as i32 as u32 & 0xffff
+    }
+
+    /// `code_of` in kernels/adamw.cu: the largest code whose start is at or below the grid point,
+    /// by the same binary search.
+    fn device_code(starts: &[u32; MAP_SIZE], scaled: f32) -> u8 {
+        let grid = grid_of(scaled);
+        let mut q = 0;
+        let mut step = MAP_SIZE / 2;
+        while step > 0 {
+            if starts[q + step] <= grid {
+                q += step;
+            }
+            step /= 2;
+        }
+        q as u8
+    }
+
+    #[test]
+    fn device_code_search_picks_the_cpu_quantizers_code_at_every_grid_point() {
+        for signed in [true, false] {
+            let map = dynamic_map(signed);
+            let lut = CodeLut::new(&map);
+            let starts = code_starts(&map);
+            assert_eq!(starts[0], 0);
+            assert!(starts.windows(2).all(|w| w[0] <= w[1]), "starts ascend");
+            let mut seen = vec![false; GRID];
+            let mut check = |x: f32| {
+                seen[grid_of(x) as usize] = true;
+                assert_eq!(
+                    device_code(&starts, x),
+                    lut.code_of(x),
+                    "signed map {signed}: x = {x:e} (grid {})",
+                    grid_of(x)
+                );
+            };
+            for c in 0..GRID {
+                let x = (c as f32 + c as f32) / 65535.0 - 1.0;
+                let (mut below, mut above) = (x, x);
+                check(x);
+                for _ in 0..4 {
+                    below = below.next_down();
+                    above = above.next_up();
+                    check(below);
+                    check(above);
+                }
+            }
+            for x in [
+                f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                -1.5,
+                2.0,
+                0.0,
+                -0.0,
+                1e-40,
+                -1e-40,
+            ] {
+                check(x);
+            }
+            assert!(seen.iter().all(|&s| s), "every grid point was reached");
+        }
+    }
+}

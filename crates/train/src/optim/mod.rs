@@ -16,8 +16,13 @@
 //! here.
 //!
 //! State lives in fixed-size pages ([`paged`]) updated one page at a time by a
-//! [`paged::PageBackend`]; [`StateDict`] saves and restores it for resuming.
+//! [`paged::PageBackend`]; [`StateDict`] saves and restores it for resuming. Parameters held as
+//! CUDA tensors are stepped on the GPU by kernels/adamw.cu (feature `cuda`), page by page with
+//! the state still in host pages, and bit-identical to the host step (see
+//! [`Optimizer::step_tensors`]).
 
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod kernels;
 pub mod paged;
 mod state_dict;
@@ -28,7 +33,8 @@ mod exactness_tests;
 pub use paged::{CpuBackend, PageBackend, StateFormat, DEFAULT_PAGE_BYTES};
 pub use state_dict::{OptimKind, OptimMeta, ParamMeta, StateDict, StateTensor};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
 use kernels::{Bnb32Step, Bnb8Step, TorchStep};
 use paged::{F32Rule, PageTable};
 use serde::{Deserialize, Serialize};
@@ -124,6 +130,8 @@ impl Default for PagedOptions {
 /// Where the state is and how much of it is in flight.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PagingReport {
+    /// The engine of the last step: the page backend's name (`"cpu"`), or `"cuda"` when CUDA
+    /// tensors were stepped on the GPU.
     pub backend: &'static str,
     pub page_bytes: usize,
     pub pages_8bit: usize,
@@ -140,6 +148,14 @@ pub struct PagingReport {
 pub trait Optimizer {
     /// One update of every parameter, in the order of the specs given at construction.
     fn step(&mut self, params: &mut [ParamRef<'_>]) -> Result<()>;
+    /// One update of every parameter held as a variable, with its gradient, in the order of
+    /// the specs: f32 tensors with the spec's element count, all on one device. The update is
+    /// [`Self::step`]'s, bit for bit, on any device: CPU tensors go through the host step;
+    /// CUDA tensors (feature `cuda`) are updated in place on the GPU by kernels/adamw.cu while
+    /// the state stays in host pages, one page on the device at a time. The arguments are
+    /// checked before anything changes; a device fault part-way through a step leaves the
+    /// state partly updated, so a run that hits one resumes from its last checkpoint.
+    fn step_tensors(&mut self, params: &[(Var, Tensor)]) -> Result<()>;
     /// Updates taken so far.
     fn steps(&self) -> u64;
     fn config(&self) -> &AdamWConfig;
@@ -167,8 +183,15 @@ struct PagedAdamW {
     min_8bit_size: usize,
     step: u64,
     params: Vec<ParamSpec>,
+    /// The kernels and staging page of the GPU that CUDA tensors were last stepped on. Declared
+    /// before `table` so it is dropped first: it pins the table's pages and unpins them on drop.
+    #[cfg(feature = "cuda")]
+    cuda: Option<cuda::CudaPager>,
     table: PageTable,
     backend: Box<dyn PageBackend>,
+    /// Whether the last step ran on `cuda` (what [`PagingReport`] describes).
+    #[cfg(feature = "cuda")]
+    on_device: bool,
 }
 
 impl std::fmt::Debug for PagedAdamW {
@@ -214,9 +237,24 @@ impl PagedAdamW {
             min_8bit_size,
             step: 0,
             params,
+            #[cfg(feature = "cuda")]
+            cuda: None,
             table,
             backend: Box::new(CpuBackend::new()),
+            #[cfg(feature = "cuda")]
+            on_device: false,
         })
+    }
+
+    /// The scalars of the next step (`self.step` already counts it): the 8-bit rule and the
+    /// f32-state rule of this optimizer's kind.
+    fn step_scalars(&self) -> (Bnb8Step, F32Rule) {
+        let k8 = Bnb8Step::new(&self.config, self.step);
+        let rule = match self.kind {
+            OptimKind::Adamw => F32Rule::Torch(TorchStep::new(&self.config, self.step)),
+            OptimKind::Adamw8bit => F32Rule::Bnb(Bnb32Step::new(&self.config, self.step)),
+        };
+        (k8, rule)
     }
 
     fn step(&mut self, params: &mut [ParamRef<'_>]) -> Result<()> {
@@ -238,13 +276,125 @@ impl PagedAdamW {
         }
         // bitsandbytes and torch both count the step before using it: the first is step 1.
         self.step += 1;
-        let k8 = Bnb8Step::new(&self.config, self.step);
-        let rule = match self.kind {
-            OptimKind::Adamw => F32Rule::Torch(TorchStep::new(&self.config, self.step)),
-            OptimKind::Adamw8bit => F32Rule::Bnb(Bnb32Step::new(&self.config, self.step)),
-        };
+        let (k8, rule) = self.step_scalars();
         self.table.step(&mut *self.backend, params, &k8, &rule);
+        #[cfg(feature = "cuda")]
+        {
+            self.on_device = false;
+        }
         Ok(())
+    }
+
+    fn step_tensors(&mut self, params: &[(Var, Tensor)]) -> Result<()> {
+        ensure!(
+            params.len() == self.params.len(),
+            "step got {} parameters, the optimizer has {}",
+            params.len(),
+            self.params.len()
+        );
+        let device = params
+            .first()
+            .map_or(Device::Cpu, |(v, _)| v.device().clone());
+        for ((var, grad), spec) in params.iter().zip(&self.params) {
+            ensure!(
+                var.elem_count() == spec.numel && grad.elem_count() == spec.numel,
+                "parameter {:?}: expected {} elements, got a variable of shape {:?} and a \
+                 gradient of shape {:?}",
+                spec.name,
+                spec.numel,
+                var.dims(),
+                grad.dims()
+            );
+            ensure!(
+                var.dtype() == DType::F32 && grad.dtype() == DType::F32,
+                "parameter {:?}: the optimizer steps f32 tensors, got a {:?} variable and a \
+                 {:?} gradient",
+                spec.name,
+                var.dtype(),
+                grad.dtype()
+            );
+            ensure!(
+                var.device().same_device(&device) && grad.device().same_device(&device),
+                "parameter {:?}: every variable and gradient must be on one device ({:?}), got \
+                 {:?} and {:?}",
+                spec.name,
+                device,
+                var.device(),
+                grad.device()
+            );
+        }
+        match &device {
+            Device::Cpu => self.step_host_tensors(params),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => self.step_cuda(d, params),
+            other => bail!(
+                "the optimizer steps tensors on the CPU{}, not on {other:?}",
+                if cfg!(feature = "cuda") {
+                    " or a CUDA device"
+                } else {
+                    " (this build has no CUDA: rebuild with --features cuda)"
+                }
+            ),
+        }
+    }
+
+    /// CPU tensors: their values through [`Self::step`], then back into the variables.
+    fn step_host_tensors(&mut self, params: &[(Var, Tensor)]) -> Result<()> {
+        let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let mut data = params
+            .iter()
+            .map(|(v, _)| host(v.as_tensor()))
+            .collect::<Result<Vec<_>>>()?;
+        let grads = params
+            .iter()
+            .map(|(_, g)| host(g))
+            .collect::<Result<Vec<_>>>()?;
+        {
+            let mut refs: Vec<ParamRef<'_>> = data
+                .iter_mut()
+                .zip(&grads)
+                .map(|(p, g)| ParamRef::new(p, g))
+                .collect();
+            self.step(&mut refs)?;
+        }
+        for ((var, _), (values, spec)) in params.iter().zip(data.into_iter().zip(&self.params)) {
+            var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?)
+                .with_context(|| format!("writing the stepped {:?}", spec.name))?;
+        }
+        Ok(())
+    }
+
+    /// CUDA tensors: page by page through the device pager (see [`cuda`]).
+    #[cfg(feature = "cuda")]
+    fn step_cuda(
+        &mut self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        params: &[(Var, Tensor)],
+    ) -> Result<()> {
+        let device = Device::Cuda(dev.clone());
+        if !self.cuda.as_ref().is_some_and(|p| p.is_on(&device)) {
+            self.cuda = Some(cuda::CudaPager::new(dev, self.table.page_bytes())?);
+        }
+        // The kernels read gradients as flat arrays.
+        let params = params
+            .iter()
+            .map(|(v, g)| Ok((v.clone(), g.contiguous()?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.step += 1;
+        let (k8, rule) = self.step_scalars();
+        let pager = self.cuda.as_mut().expect("created above");
+        pager.step(&mut self.table, &params, &k8, &rule)?;
+        self.on_device = true;
+        Ok(())
+    }
+
+    /// Name and resident pages of the engine that ran the last step.
+    fn engine(&self) -> (&'static str, usize) {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = self.cuda.as_ref().filter(|_| self.on_device) {
+            return ("cuda", p.resident_pages());
+        }
+        (self.backend.name(), self.backend.resident_pages())
     }
 
     fn state_bytes(&self) -> usize {
@@ -264,12 +414,13 @@ impl PagedAdamW {
     }
 
     fn paging(&self) -> PagingReport {
+        let (backend, resident_pages) = self.engine();
         PagingReport {
-            backend: self.backend.name(),
+            backend,
             page_bytes: self.table.page_bytes(),
             pages_8bit: self.table.pages8().len(),
             pages_f32: self.table.pages_f32().len(),
-            resident_pages: self.backend.resident_pages(),
+            resident_pages,
             state_bytes: self.state_bytes(),
             allocated_bytes: self.table.allocated_bytes(),
         }
@@ -446,6 +597,9 @@ macro_rules! optimizer_type {
         impl Optimizer for $name {
             fn step(&mut self, params: &mut [ParamRef<'_>]) -> Result<()> {
                 self.0.step(params)
+            }
+            fn step_tensors(&mut self, params: &[(Var, Tensor)]) -> Result<()> {
+                self.0.step_tensors(params)
             }
             fn steps(&self) -> u64 {
                 self.0.step

@@ -1,7 +1,7 @@
 //! Paged optimizer state.
 //!
 //! The state of all trainable tensors lives in fixed-size host pages. There are two page
-//! kinds, each a struct of arrays a kernel can stream as is:
+//! kinds, each one contiguous struct of arrays a kernel can stream as is:
 //!
 //! * [`Page8`]: slots of one 256-element block each — first- and second-moment codes (1 byte
 //!   per element each) and their two f32 absmax — for tensors with 8-bit state;
@@ -11,11 +11,13 @@
 //! Tensors are packed in order, each 8-bit tensor starting on a block slot, and may span pages;
 //! the piece of a tensor inside one page is an [`Extent`]. A step walks the pages one by one
 //! and hands each page, with the parameter and gradient slices of its extents, to a
-//! [`PageBackend`]. Only that page is "in flight": the CPU backend updates it where it lies;
-//! a CUDA backend uploads it (codes + absmax, or f32 moments) into a device staging buffer,
-//! launches the update on the matching parameter ranges and writes the page back, so device
-//! memory holds [`PageBackend::resident_pages`] pages of state, never the whole state. Every
-//! update is element-wise (8-bit: block-wise), so results do not depend on the page size.
+//! [`PageBackend`]. Only that page is "in flight": the CPU backend updates it where it lies.
+//! Parameters held on a GPU are stepped by `optim::cuda` instead, which copies each page as one
+//! array into a device staging buffer, launches the update on the matching parameter ranges
+//! and copies the page back, so device memory holds one page of state, never the whole state
+//! (each page is its own 4096-aligned allocation, which that backend pins for direct
+//! transfers). Every update is element-wise (8-bit: block-wise), so results do not depend on
+//! the page size.
 
 use crate::optim::kernels::{self, Bnb32Step, Bnb8Step, Codec8, TorchStep};
 use rayon::prelude::*;
@@ -49,65 +51,204 @@ impl StateFormat {
     }
 }
 
-/// A page of 8-bit state: `blocks()` slots of [`BLOCKSIZE`] elements.
+/// Bytes of one unit of page memory: the host page size of common systems.
+const PAGE_ALIGN: usize = 4096;
+
+/// One 4096-byte, 4096-aligned unit of page memory.
+#[derive(Clone, Copy, PartialEq)]
+#[repr(C, align(4096))]
+struct Unit([u8; PAGE_ALIGN]);
+
+// SAFETY: `Unit` is 4096 bytes of plain bytes with no padding (size = alignment = 4096), so
+// every bit pattern is valid and all zeros is a valid value.
+unsafe impl bytemuck::Zeroable for Unit {}
+// SAFETY: as above; `Unit` is `Copy` and has no interior references.
+unsafe impl bytemuck::Pod for Unit {}
+
+/// The host memory of one page: zeroed, 4096-byte aligned and a whole number of 4096-byte
+/// units, so a device backend can page-lock (pin) exactly this allocation for direct transfers
+/// without touching any other (see `optim::cuda`). Its layout is the one a device stages.
+#[derive(Clone, PartialEq)]
+struct PageMemory {
+    units: Vec<Unit>,
+    /// Bytes in use (the rest of the last unit is slack).
+    len: usize,
+}
+
+impl PageMemory {
+    fn zeroed(len: usize) -> Self {
+        PageMemory {
+            units: bytemuck::zeroed_vec(len.div_ceil(PAGE_ALIGN)),
+            len,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.units)[..self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.units)[..self.len]
+    }
+
+    fn allocation_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(&mut self.units)
+    }
+}
+
+impl std::fmt::Debug for PageMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageMemory({} bytes)", self.len)
+    }
+}
+
+/// The four arrays of an 8-bit page, borrowed for an update.
+#[derive(Debug)]
+pub struct Page8Parts<'a> {
+    pub codes1: &'a mut [u8],
+    pub codes2: &'a mut [u8],
+    pub absmax1: &'a mut [f32],
+    pub absmax2: &'a mut [f32],
+}
+
+/// A page of 8-bit state: `blocks()` slots of [`BLOCKSIZE`] elements, stored as one array
+/// `codes1 | codes2 | absmax1 | absmax2`:
+///
+/// * `codes1`, `codes2`: first- and second-moment codes (bitsandbytes' `state1`, `state2`), one
+///   byte per element;
+/// * `absmax1`, `absmax2`: the f32 absmax of each block of either moment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page8 {
-    /// First-moment codes (bitsandbytes' `state1`).
-    pub codes1: Vec<u8>,
-    /// Second-moment codes (`state2`).
-    pub codes2: Vec<u8>,
-    /// Per-block absmax of the first moment (`absmax1`).
-    pub absmax1: Vec<f32>,
-    /// Per-block absmax of the second moment (`absmax2`).
-    pub absmax2: Vec<f32>,
+    blocks: usize,
+    memory: PageMemory,
 }
 
 impl Page8 {
     fn new(blocks: usize) -> Self {
         Page8 {
-            codes1: vec![0; blocks * BLOCKSIZE],
-            codes2: vec![0; blocks * BLOCKSIZE],
-            absmax1: vec![0.0; blocks],
-            absmax2: vec![0.0; blocks],
+            blocks,
+            memory: PageMemory::zeroed(blocks * SLOT8_BYTES),
         }
     }
 
     pub fn blocks(&self) -> usize {
-        self.absmax1.len()
+        self.blocks
     }
 
     pub fn bytes(&self) -> usize {
         self.blocks() * SLOT8_BYTES
     }
+
+    /// Byte offsets of `codes2`, `absmax1` and `absmax2` in [`Self::as_bytes`].
+    pub fn offsets(&self) -> [usize; 3] {
+        let cap = self.blocks * BLOCKSIZE;
+        [cap, 2 * cap, 2 * cap + 4 * self.blocks]
+    }
+
+    pub fn codes1(&self) -> &[u8] {
+        &self.memory.bytes()[..self.offsets()[0]]
+    }
+
+    pub fn codes2(&self) -> &[u8] {
+        let [c2, a1, _] = self.offsets();
+        &self.memory.bytes()[c2..a1]
+    }
+
+    pub fn absmax1(&self) -> &[f32] {
+        let [_, a1, a2] = self.offsets();
+        bytemuck::cast_slice(&self.memory.bytes()[a1..a2])
+    }
+
+    pub fn absmax2(&self) -> &[f32] {
+        let [_, _, a2] = self.offsets();
+        bytemuck::cast_slice(&self.memory.bytes()[a2..])
+    }
+
+    /// All four arrays, mutably.
+    pub fn parts_mut(&mut self) -> Page8Parts<'_> {
+        let [c2, a1, a2] = self.offsets();
+        let (codes, absmax) = self.memory.bytes_mut().split_at_mut(a1);
+        let (codes1, codes2) = codes.split_at_mut(c2);
+        let (absmax1, absmax2) = absmax.split_at_mut(a2 - a1);
+        Page8Parts {
+            codes1,
+            codes2,
+            absmax1: bytemuck::cast_slice_mut(absmax1),
+            absmax2: bytemuck::cast_slice_mut(absmax2),
+        }
+    }
+
+    /// The whole page as bytes, in its layout (what a device backend copies).
+    pub fn as_bytes(&self) -> &[u8] {
+        self.memory.bytes()
+    }
+
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        self.memory.bytes_mut()
+    }
+
+    /// The page's whole allocation: 4096-aligned, whole 4096-byte units, shared with nothing
+    /// else (what a device backend may pin).
+    pub fn allocation_mut(&mut self) -> &mut [u8] {
+        self.memory.allocation_mut()
+    }
 }
 
-/// A page of f32 state.
+/// A page of f32 state, stored as one array `m | v`: first moment (`exp_avg` / `state1`) and
+/// second moment (`exp_avg_sq` / `state2`) of each element slot.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PageF32 {
-    /// First moment (`exp_avg` / `state1`).
-    pub m: Vec<f32>,
-    /// Second moment (`exp_avg_sq` / `state2`).
-    pub v: Vec<f32>,
+    elems: usize,
+    memory: PageMemory,
 }
 
 impl PageF32 {
     fn new(elems: usize) -> Self {
         PageF32 {
-            m: vec![0.0; elems],
-            v: vec![0.0; elems],
+            elems,
+            memory: PageMemory::zeroed(elems * SLOT_F32_BYTES),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.m.len()
+        self.elems
     }
 
     pub fn is_empty(&self) -> bool {
-        self.m.is_empty()
+        self.elems == 0
     }
 
     pub fn bytes(&self) -> usize {
         self.len() * SLOT_F32_BYTES
+    }
+
+    pub fn m(&self) -> &[f32] {
+        &bytemuck::cast_slice(self.memory.bytes())[..self.elems]
+    }
+
+    pub fn v(&self) -> &[f32] {
+        &bytemuck::cast_slice(self.memory.bytes())[self.elems..]
+    }
+
+    /// Both moments, mutably: `(m, v)`.
+    pub fn parts_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        let elems = self.elems;
+        bytemuck::cast_slice_mut::<u8, f32>(self.memory.bytes_mut()).split_at_mut(elems)
+    }
+
+    /// The whole page as bytes, in its layout (what a device backend copies).
+    pub fn as_bytes(&self) -> &[u8] {
+        self.memory.bytes()
+    }
+
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        self.memory.bytes_mut()
+    }
+
+    /// The page's whole allocation: 4096-aligned, whole 4096-byte units, shared with nothing
+    /// else (what a device backend may pin).
+    pub fn allocation_mut(&mut self) -> &mut [u8] {
+        self.memory.allocation_mut()
     }
 }
 
@@ -177,6 +318,7 @@ const F32_TASK: usize = 4096;
 impl PageBackend for CpuBackend {
     fn step_page8(&mut self, page: &mut Page8, work: &mut [ExtentWork<'_>], k: &Bnb8Step) {
         let codec = &self.codec;
+        let parts = page.parts_mut();
         for w in work.iter_mut() {
             debug_assert_eq!(w.slot % BLOCKSIZE, 0);
             let n = w.param.len();
@@ -185,10 +327,10 @@ impl PageBackend for CpuBackend {
             (
                 w.param.par_chunks_mut(BLOCKSIZE),
                 w.grad.par_chunks(BLOCKSIZE),
-                page.codes1[w.slot..w.slot + n].par_chunks_mut(BLOCKSIZE),
-                page.codes2[w.slot..w.slot + n].par_chunks_mut(BLOCKSIZE),
-                page.absmax1[b0..b0 + nb].par_iter_mut(),
-                page.absmax2[b0..b0 + nb].par_iter_mut(),
+                parts.codes1[w.slot..w.slot + n].par_chunks_mut(BLOCKSIZE),
+                parts.codes2[w.slot..w.slot + n].par_chunks_mut(BLOCKSIZE),
+                parts.absmax1[b0..b0 + nb].par_iter_mut(),
+                parts.absmax2[b0..b0 + nb].par_iter_mut(),
             )
                 .into_par_iter()
                 .with_min_len(8)
@@ -199,13 +341,14 @@ impl PageBackend for CpuBackend {
     }
 
     fn step_page_f32(&mut self, page: &mut PageF32, work: &mut [ExtentWork<'_>], rule: &F32Rule) {
+        let (m, v) = page.parts_mut();
         for w in work.iter_mut() {
             let n = w.param.len();
             (
                 w.param.par_chunks_mut(F32_TASK),
                 w.grad.par_chunks(F32_TASK),
-                page.m[w.slot..w.slot + n].par_chunks_mut(F32_TASK),
-                page.v[w.slot..w.slot + n].par_chunks_mut(F32_TASK),
+                m[w.slot..w.slot + n].par_chunks_mut(F32_TASK),
+                v[w.slot..w.slot + n].par_chunks_mut(F32_TASK),
             )
                 .into_par_iter()
                 .for_each(|(p, g, m, v)| match rule {
@@ -363,6 +506,26 @@ impl PageTable {
         }
     }
 
+    /// Every 8-bit page with its extents, then every f32 page with its extents, in the order
+    /// [`Self::step`] visits them: for a step whose parameters are not host slices (device
+    /// tensors, see `optim::cuda`).
+    #[allow(clippy::type_complexity)]
+    pub fn pages_mut(
+        &mut self,
+    ) -> (
+        impl Iterator<Item = (&mut Page8, &[Extent])> + '_,
+        impl Iterator<Item = (&mut PageF32, &[Extent])> + '_,
+    ) {
+        (
+            self.pages8
+                .iter_mut()
+                .zip(self.extents8.iter().map(Vec::as_slice)),
+            self.pages_f32
+                .iter_mut()
+                .zip(self.extents_f32.iter().map(Vec::as_slice)),
+        )
+    }
+
     /// A tensor's 8-bit state gathered from its pages: (codes1, codes2, absmax1, absmax2).
     pub fn read8(&self, tensor: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>, Vec<f32>) {
         let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -370,11 +533,11 @@ impl PageTable {
             let page = &self.pages8[e.page];
             let (b0, nb) = (e.slot / BLOCKSIZE, e.len.div_ceil(BLOCKSIZE));
             out.0
-                .extend_from_slice(&page.codes1[e.slot..e.slot + e.len]);
+                .extend_from_slice(&page.codes1()[e.slot..e.slot + e.len]);
             out.1
-                .extend_from_slice(&page.codes2[e.slot..e.slot + e.len]);
-            out.2.extend_from_slice(&page.absmax1[b0..b0 + nb]);
-            out.3.extend_from_slice(&page.absmax2[b0..b0 + nb]);
+                .extend_from_slice(&page.codes2()[e.slot..e.slot + e.len]);
+            out.2.extend_from_slice(&page.absmax1()[b0..b0 + nb]);
+            out.3.extend_from_slice(&page.absmax2()[b0..b0 + nb]);
         }
         out
     }
@@ -383,7 +546,7 @@ impl PageTable {
     pub fn write8(&mut self, tensor: usize, codes1: &[u8], codes2: &[u8], a1: &[f32], a2: &[f32]) {
         let extents = self.tensors[tensor].1.clone();
         for e in extents {
-            let page = &mut self.pages8[e.page];
+            let page = self.pages8[e.page].parts_mut();
             let (b0, nb) = (e.slot / BLOCKSIZE, e.len.div_ceil(BLOCKSIZE));
             let tb = e.offset / BLOCKSIZE;
             page.codes1[e.slot..e.slot + e.len].copy_from_slice(&codes1[e.offset..][..e.len]);
@@ -398,8 +561,8 @@ impl PageTable {
         let mut out = (Vec::new(), Vec::new());
         for e in self.extents(tensor) {
             let page = &self.pages_f32[e.page];
-            out.0.extend_from_slice(&page.m[e.slot..e.slot + e.len]);
-            out.1.extend_from_slice(&page.v[e.slot..e.slot + e.len]);
+            out.0.extend_from_slice(&page.m()[e.slot..e.slot + e.len]);
+            out.1.extend_from_slice(&page.v()[e.slot..e.slot + e.len]);
         }
         out
     }
@@ -408,9 +571,9 @@ impl PageTable {
     pub fn write_f32(&mut self, tensor: usize, m: &[f32], v: &[f32]) {
         let extents = self.tensors[tensor].1.clone();
         for e in extents {
-            let page = &mut self.pages_f32[e.page];
-            page.m[e.slot..e.slot + e.len].copy_from_slice(&m[e.offset..][..e.len]);
-            page.v[e.slot..e.slot + e.len].copy_from_slice(&v[e.offset..][..e.len]);
+            let (pm, pv) = self.pages_f32[e.page].parts_mut();
+            pm[e.slot..e.slot + e.len].copy_from_slice(&m[e.offset..][..e.len]);
+            pv[e.slot..e.slot + e.len].copy_from_slice(&v[e.offset..][..e.len]);
         }
     }
 }
