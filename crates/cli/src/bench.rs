@@ -4,6 +4,11 @@
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
+use crate::model_arg::DeviceKind;
+
+#[cfg(feature = "cuda")]
+mod quant_cuda;
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -12,13 +17,16 @@ pub struct BenchArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// NF4 -> f32 dequantization throughput versus a copy of the same output size.
+    /// NF4 dequantization throughput versus a copy of the same output size (with
+    /// `--device cuda`: f32 and bf16 dequant and the fused GEMV against a device copy).
     Quant(QuantBenchArgs),
     /// Sandboxed scoring throughput versus an in-process `exec` scorer on the same programs.
     Sandbox(crate::bench_sandbox::BenchSandboxArgs),
-    /// Prefill / decode tokens/s and peak RSS at batch 1 and 8 (optionally vs HF transformers).
+    /// Prefill / decode tokens/s and peak memory at batch 1 and 8 (optionally vs HF
+    /// transformers).
     Decode(crate::bench_decode::BenchDecodeArgs),
-    /// QLoRA train-step tokens/s and peak RSS (forward, chunked loss, backward, 8-bit AdamW).
+    /// QLoRA train-step tokens/s and peak memory (forward, chunked loss, backward, 8-bit
+    /// AdamW).
     TrainStep(crate::bench_train::TrainStepBenchArgs),
 }
 
@@ -29,12 +37,19 @@ pub struct QuantBenchArgs {
     pub rows: usize,
     #[arg(long, default_value_t = 14336)]
     pub cols: usize,
-    /// Timed calls per measurement (the median is kept).
+    /// Timed calls per measurement (CPU: the median is kept; cuda: calls per timed round,
+    /// the fastest round is kept).
     #[arg(long, default_value_t = 15)]
     pub iters: usize,
-    /// Worker threads (default: all cores).
+    /// Worker threads (default: all cores; CPU only).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where the kernels run [default: cpu]; cuda needs a build with `--features cuda`.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+    /// Batch sizes of the fused GEMV, comma-separated (cuda only).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub batch: Vec<usize>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -45,6 +60,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchCommand::Sandbox(a) => crate::bench_sandbox::run(a),
         BenchCommand::Decode(a) => crate::bench_decode::run(a),
         BenchCommand::TrainStep(a) => crate::bench_train::run(a),
+        BenchCommand::Quant(a) if a.device == DeviceKind::Cuda => quant_cuda(&a),
         BenchCommand::Quant(a) => {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(a.threads.unwrap_or(0))
@@ -66,4 +82,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn quant_cuda(a: &QuantBenchArgs) -> Result<()> {
+    quant_cuda::run(a)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn quant_cuda(_: &QuantBenchArgs) -> Result<()> {
+    Err(rupantor_model::device::DeviceError::NotBuilt.into())
 }

@@ -9,6 +9,8 @@
 //! counts the tokens fed through single-token steps (`batch * (new_tokens - 1)`) over their
 //! time. Peak RSS is the kernel's high-water mark (VmHWM), reset through
 //! `/proc/self/clear_refs` before each measurement, so each figure is that phase's own peak.
+//! With `--device cuda` the peak of GPU memory in use ([`rupantor_model::device::peak_memory`])
+//! is measured the same way and reported beside it.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,6 +18,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use rupantor_model::device::{peak_memory, reset_peak_memory};
 use rupantor_model::{generate, Gemma, GenStats, GenerateConfig};
 
 use crate::model_arg::{self, ModelArgs};
@@ -61,6 +64,9 @@ pub struct BatchResult {
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
     pub peak_rss_mib: f64,
+    /// Peak GPU memory in use during the run (`None` on the CPU).
+    #[serde(default)]
+    pub peak_gpu_mib: Option<f64>,
 }
 
 /// `VmHWM` and `VmRSS` of this process in MiB (Linux; `None` elsewhere).
@@ -90,6 +96,7 @@ fn run_batch(model: &Gemma, bos: u32, a: &BenchDecodeArgs, batch: usize) -> Resu
     let mut best: Option<BatchResult> = None;
     for _ in 0..a.repeats.max(1) {
         reset_peak_rss();
+        reset_peak_memory(model.device());
         let mut last = GenStats::default();
         let gens = generate(model, &prompts, &cfg, |s| last = s)?;
         debug_assert!(gens.iter().all(|g| g.tokens.len() == a.new_tokens));
@@ -98,6 +105,7 @@ fn run_batch(model: &Gemma, bos: u32, a: &BenchDecodeArgs, batch: usize) -> Resu
             prefill_tok_s: last.prefill_tokens_per_sec(),
             decode_tok_s: last.decode_tokens_per_sec(),
             peak_rss_mib: rss_mib().map_or(f64::NAN, |m| m.0),
+            peak_gpu_mib: peak_memory(model.device()).map(|b| b as f64 / (1u64 << 20) as f64),
         };
         if best.is_none_or(|b| r.decode_tok_s > b.decode_tok_s) {
             best = Some(r);
@@ -130,6 +138,8 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
     let loaded = model_arg::load(&settings)?;
     let load_s = t0.elapsed().as_secs_f64();
     let (load_peak, load_rss) = rss_mib().unwrap_or((f64::NAN, f64::NAN));
+    let gpu_after_load = rupantor_model::device::memory_in_use(loaded.model.device())
+        .map(|b| b as f64 / (1u64 << 20) as f64);
     let bos = loaded.bos_id()?;
     println!(
         "model {} ({}), {threads} threads: loaded in {load_s:.1}s, peak RSS {load_peak:.0} MiB \
@@ -152,15 +162,20 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
         a.prompt_tokens, a.new_tokens
     );
     println!(
-        "{:>6} {:>14} {:>14} {:>14}",
-        "batch", "prefill tok/s", "decode tok/s", "peak RSS MiB"
+        "{:>6} {:>14} {:>14} {:>14} {:>14}",
+        "batch", "prefill tok/s", "decode tok/s", "peak RSS MiB", "peak GPU MiB"
     );
     let mut results = Vec::new();
     for &b in &a.batch {
         let r = run_batch(&loaded.model, bos, &a, b)?;
         println!(
-            "{:>6} {:>14.1} {:>14.1} {:>14.0}",
-            r.batch, r.prefill_tok_s, r.decode_tok_s, r.peak_rss_mib
+            "{:>6} {:>14.1} {:>14.1} {:>14.0} {:>14}",
+            r.batch,
+            r.prefill_tok_s,
+            r.decode_tok_s,
+            r.peak_rss_mib,
+            r.peak_gpu_mib
+                .map_or("-".to_string(), |m| format!("{m:.0}"))
         );
         results.push(r);
     }
@@ -205,6 +220,8 @@ pub fn run(a: BenchDecodeArgs) -> Result<()> {
                 "new_tokens": a.new_tokens,
                 "load_s": load_s,
                 "load_peak_rss_mib": load_peak,
+                "device": if loaded.model.device().is_cpu() { "cpu" } else { "cuda" },
+                "gpu_after_load_mib": gpu_after_load,
                 "rss_after_load_mib": load_rss,
                 "results": results,
                 "hf": hf,

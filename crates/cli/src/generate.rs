@@ -299,13 +299,14 @@ impl Loaded {
 fn load_adapted(settings: &ModelSettings, adapter: &Path) -> Result<Loaded> {
     let path = model_arg::resolve_model(&settings.model)?;
     let tokenizer = load_tokenizer(&path)?;
+    let dtype = settings.dtype.on(settings.device)?;
     let device = model_arg::device(settings.device)?;
     let base = match settings.quant {
         Quant::Nf4 => BaseFormat::Nf4,
         Quant::None => BaseFormat::Dense,
     };
     let t0 = std::time::Instant::now();
-    let model = LoraModel::load_with_adapter(&path, adapter, &device, base)
+    let model = LoraModel::load_with_adapter(&path, adapter, &device, dtype, base)
         .with_context(|| format!("--adapter {}", adapter.display()))?;
     model.set_training(false);
     eprintln!(

@@ -1,7 +1,8 @@
 //! `rupantor`: QLoRA fine-tuning and serving of Gemma models for Bangla-to-Python code
 //! generation (BLP-2025 Task 2).
 
-use anyhow::Result;
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 mod bench;
@@ -44,14 +45,44 @@ enum Command {
     Train(train::TrainArgs),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let what = cli.command.doing();
+    let result = match cli.command {
         Command::Quantize(args) => quantize::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Perplexity(args) => perplexity::run(args),
         Command::Generate(args) => generate::run(*args),
         Command::Train(args) => train::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // A GPU out of memory gets the line that says what to lower, above the chain
+            // that says where it happened.
+            if e.chain().any(rupantor_model::device::is_out_of_memory) {
+                eprintln!(
+                    "Error: {}",
+                    rupantor_model::device::out_of_memory_hint(what)
+                );
+            }
+            eprintln!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl Command {
+    /// What the command does, for messages.
+    fn doing(&self) -> &'static str {
+        match self {
+            Command::Quantize(_) => "quantizing",
+            Command::Bench(_) => "benchmarking",
+            Command::Eval(_) => "scoring",
+            Command::Perplexity(_) => "computing perplexity",
+            Command::Generate(_) => "generating",
+            Command::Train(_) => "training",
+        }
     }
 }

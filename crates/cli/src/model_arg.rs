@@ -8,7 +8,11 @@
 //! 2. an existing path: an HF model directory (config.json, safetensors or a sharded index,
 //!    tokenizer.json; bitsandbytes-4bit checkpoints included) or a `.gguf` file;
 //! 3. an HF hub repo id `org/name`: a complete snapshot in the HF cache, else a download
-//!    into it ([`rupantor_model::hub`]), else one error naming `--model PATH`.
+//!    into it ([`rupantor_model::hub`]), else one error naming `--model PATH`;
+//!
+//! and `random:<preset>[@<seed>]` (gemma2-9b, gemma2-2b, gemma3-270m): the preset's shape
+//! with seeded random NF4 weights and a synthetic tokenizer ([`rupantor_model::random`]),
+//! built by the loader from the name itself, so nothing is read or downloaded.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -61,18 +65,20 @@ pub enum DeviceKind {
 pub struct ModelArgs {
     /// The model: an HF model directory, a .gguf file, a directory of pre-quantized
     /// bitsandbytes-4bit safetensors, an HF hub repo id (org/name; the HF cache, then a
-    /// download), or `embedded:gemma3-270m` (the default; fetched by scripts/get-model.sh
-    /// when missing).
+    /// download), `embedded:gemma3-270m` (the default; fetched by scripts/get-model.sh when
+    /// missing), or `random:<preset>[@seed]` (gemma2-9b, gemma2-2b, gemma3-270m: seeded
+    /// random weights, for benchmarks).
     #[arg(long, value_name = "M")]
     pub model: Option<String>,
-    /// Device [default: cpu]. cuda needs a build with `--features cuda`.
+    /// Device [default: cpu]. cuda needs a build with `--features cuda` (scripts/cuda-env.sh).
     #[arg(long, value_enum)]
     pub device: Option<DeviceKind>,
     /// Linear layers: nf4 (default; frozen NF4 projections, matching the QLoRA setup) or none
     /// (dense f32).
     #[arg(long, value_enum)]
     pub quant: Option<Quant>,
-    /// Compute dtype [default: f32]; the loaders build f32 models today.
+    /// Compute dtype [default: f32 on the CPU, bf16 on cuda]. Norms, softmax, the loss and the
+    /// LoRA weights stay f32 either way.
     #[arg(long, value_enum)]
     pub dtype: Option<DType>,
 }
@@ -176,6 +182,11 @@ pub fn resolve_model(arg: &str) -> Result<PathBuf> {
     if arg == EMBEDDED {
         return embedded_model();
     }
+    if let Some(random) = rupantor_model::loader::random_model(Path::new(arg)) {
+        // Checked here, built by the loader from the name itself.
+        random?;
+        return Ok(PathBuf::from(arg));
+    }
     if let Some(other) = arg.strip_prefix("embedded:") {
         bail!("unknown embedded model `{other}` (the one embedded model is {EMBEDDED})");
     }
@@ -206,11 +217,12 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     /// How the weights are held, for messages: `nf4 + q8 lm_head`, `nf4`, `f32`.
-    pub fn form(&self, quant: Quant) -> &'static str {
+    pub fn form(&self, quant: Quant) -> String {
+        let dtype = format!("{:?}", self.model.embed_tokens().dtype()).to_lowercase();
         match (quant, self.lm_head_q8) {
-            (Quant::Nf4, true) => "NF4 projections, exact Q8 lm_head",
-            (Quant::Nf4, false) => "NF4 projections, f32 lm_head",
-            (Quant::None, _) => "f32",
+            (Quant::Nf4, true) => "NF4 projections, exact Q8 lm_head".to_string(),
+            (Quant::Nf4, false) => format!("NF4 projections, {dtype} lm_head"),
+            (Quant::None, _) => dtype,
         }
     }
 }
@@ -226,12 +238,34 @@ impl LoadedModel {
     }
 }
 
+/// Opens the device; `--device cuda` without the build feature, a driver or a GPU is one line
+/// that says which.
 pub fn device(kind: DeviceKind) -> Result<Device> {
     match kind {
         DeviceKind::Cpu => Ok(Device::Cpu),
-        DeviceKind::Cuda => Device::new_cuda(0).map_err(|e| {
-            anyhow::anyhow!("--device cuda: {e} (build rupantor with `--features cuda`)")
-        }),
+        DeviceKind::Cuda => Ok(rupantor_model::device::cuda(0)?),
+    }
+}
+
+impl DType {
+    /// The candle dtype of the activations on `device` (bf16 is a GPU mode: the CPU kernels
+    /// compute in f32).
+    pub fn on(self, device: DeviceKind) -> Result<candle_core::DType> {
+        match (self, device) {
+            (DType::F32, _) => Ok(candle_core::DType::F32),
+            (DType::Bf16, DeviceKind::Cuda) => Ok(candle_core::DType::BF16),
+            (DType::Bf16, DeviceKind::Cpu) => {
+                bail!("--dtype bf16 runs on the GPU (--device cuda); the CPU path computes in f32")
+            }
+        }
+    }
+
+    /// What a device computes in when neither a flag nor a config names a dtype.
+    pub fn default_for(device: DeviceKind) -> Self {
+        match device {
+            DeviceKind::Cpu => DType::F32,
+            DeviceKind::Cuda => DType::Bf16,
+        }
     }
 }
 
@@ -248,19 +282,15 @@ fn pin_thread_count() {
 /// Resolves and loads `settings.model`.
 pub fn load(settings: &ModelSettings) -> Result<LoadedModel> {
     pin_thread_count();
-    if settings.dtype != DType::F32 {
-        bail!(
-            "dtype bf16: the model loaders build f32 models today (bf16 comes with the CUDA \
-             path); pass --dtype f32"
-        );
-    }
+    let dtype = settings.dtype.on(settings.device)?;
     let dev = device(settings.device)?;
     let path = resolve_model(&settings.model)?;
     let t0 = Instant::now();
     let mut qlora = QLoraBuilder::new(&dev);
+    qlora.dtype = dtype;
     // Inference: frozen NF4 projections, no adapters; the lm_head in exact Q8 when it can be.
     qlora.targets.clear();
-    let mut dense = DenseBuilder::new(&dev);
+    let mut dense = DenseBuilder::with_dtype(&dev, dtype);
     let inner: &mut dyn LinearBuilder = match settings.quant {
         Quant::Nf4 => &mut qlora,
         Quant::None => &mut dense,
@@ -268,7 +298,12 @@ pub fn load(settings: &ModelSettings) -> Result<LoadedModel> {
     // The Q8 kernel runs on the CPU.
     let q8_head = settings.quant == Quant::Nf4 && settings.device == DeviceKind::Cpu;
     let mut builder = InferenceBuilder::new(inner, q8_head);
-    let (model, tokenizer) = if path.is_dir() {
+    let (model, tokenizer) = if let Some(random) = rupantor_model::loader::random_model(&path) {
+        let random = random?;
+        let model = build_gemma(random.config(), &random.source(), &dev, &mut builder)
+            .with_context(|| format!("building {}", random.label()))?;
+        (model, random.tokenizer()?)
+    } else if path.is_dir() {
         let tok_path = path.join(TOKENIZER_FILE);
         if !tok_path.is_file() {
             bail!(
@@ -351,5 +386,13 @@ mod tests {
         assert!(e.contains("no such file or directory"), "{e}");
         let e = resolve_model("embedded:llama").unwrap_err().to_string();
         assert!(e.contains("unknown embedded model"), "{e}");
+
+        // A random model is its own name; an unknown preset lists the real ones.
+        assert_eq!(
+            resolve_model("random:gemma2-9b@3").unwrap(),
+            PathBuf::from("random:gemma2-9b@3")
+        );
+        let e = resolve_model("random:llama").unwrap_err().to_string();
+        assert!(e.contains("gemma2-9b") && e.contains("gemma3-270m"), "{e}");
     }
 }

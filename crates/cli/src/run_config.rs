@@ -103,15 +103,19 @@ impl RunConfig {
     pub fn model_settings(&self, flags: &ModelArgs) -> ModelSettings {
         let d = ModelSettings::default();
         let m = &self.model;
+        let device = flags.device.or(m.device).unwrap_or(d.device);
         ModelSettings {
             model: flags
                 .model
                 .clone()
                 .or_else(|| m.model.clone())
                 .unwrap_or(d.model),
-            device: flags.device.or(m.device).unwrap_or(d.device),
+            device,
             quant: flags.quant.or(m.quant).unwrap_or(d.quant),
-            dtype: flags.dtype.or(m.dtype).unwrap_or(d.dtype),
+            dtype: flags
+                .dtype
+                .or(m.dtype)
+                .unwrap_or_else(|| DType::default_for(device)),
         }
     }
 }

@@ -37,7 +37,7 @@ use rupantor_pipeline::{
     run_loop, BaseModel, GenSettings, LoopConfig, LoopHooks, Paths, Strategies, VerifySettings,
 };
 use rupantor_train::fsutil::write_atomic;
-use rupantor_train::{BaseFormat, LoraModel, TrainConfig, TrainReport};
+use rupantor_train::{BaseFormat, LoraModel, LoraSpec, TrainConfig, TrainReport};
 use serde::Serialize;
 
 use crate::bench_train::{gib, peak_rss_bytes};
@@ -274,6 +274,9 @@ pub fn run_file_text(
 /// The tokenizer that belongs to the model: `tokenizer.json` of an HF directory, or the
 /// vocabulary inside a GGUF file.
 pub fn load_tokenizer(model_path: &Path) -> Result<Tokenizer> {
+    if let Some(random) = rupantor_model::loader::random_model(model_path) {
+        return Ok(random?.tokenizer()?);
+    }
     if model_path.is_dir() {
         let p = model_path.join(TOKENIZER_FILE);
         ensure!(
@@ -288,7 +291,11 @@ pub fn load_tokenizer(model_path: &Path) -> Result<Tokenizer> {
         .with_context(|| format!("{}: tokenizer", model_path.display()))
 }
 
+/// `p` made absolute; a `random:` model name stays as it is.
 fn absolute(p: &Path) -> PathBuf {
+    if rupantor_model::loader::random_model(p).is_some() {
+        return p.to_path_buf();
+    }
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
@@ -321,18 +328,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let file = RunConfig::load(config_path.as_deref())?;
     let mut run = resolve(&args, &file)?;
-    if run.settings.device == DeviceKind::Cuda {
-        bail!(
-            "train --device cuda: not supported yet (the frozen NF4 matmul and the LoRA \
-             training path have CPU kernels only); use --device cpu"
-        );
-    }
-    if run.settings.dtype != DType::F32 {
-        bail!(
-            "train: dtype {:?}: training runs in f32 today; pass --dtype f32",
-            run.settings.dtype
-        );
-    }
+    let dtype = run.settings.dtype.on(run.settings.device)?;
     let model_path = absolute(&model_arg::resolve_model(&run.settings.model)?);
     run.train.model = Some(base_model_name(&run.settings.model, &model_path));
 
@@ -384,7 +380,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let tokenizer = load_tokenizer(&model_path)?;
     let device = model_arg::device(run.settings.device)?;
     let t_load = Instant::now();
-    let model = LoraModel::load(&model_path, &device, run.train.lora_spec()?)?;
+    let spec = LoraSpec {
+        dtype,
+        ..run.train.lora_spec()?
+    };
+    let model = LoraModel::load(&model_path, &device, spec)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let report = rupantor_train::train(&model, &tokenizer, &pool, &run.train, &run.out)?;
     print_summary(&report, load_s, t0.elapsed().as_secs_f64());
@@ -414,6 +414,7 @@ fn self_improve(
     let base = BaseModel {
         path: model_path.to_path_buf(),
         device: model_arg::device(run.settings.device)?,
+        dtype: run.settings.dtype.on(run.settings.device)?,
         tokenizer: load_tokenizer(model_path)?,
     };
     let paths = Paths {

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use rupantor_data::{load_split, Problem};
 use rupantor_exec::{Score, VerdictClass};
 use rupantor_model::Tokenizer;
@@ -152,11 +152,17 @@ pub trait ModelFactory {
 pub struct BaseModel {
     pub path: PathBuf,
     pub device: Device,
+    /// The activation dtype every model of the run is built in.
+    pub dtype: DType,
     pub tokenizer: Tokenizer,
 }
 
 impl ModelFactory for BaseModel {
     fn fresh(&self, spec: LoraSpec) -> Result<LoraModel> {
+        let spec = LoraSpec {
+            dtype: self.dtype,
+            ..spec
+        };
         LoraModel::load(&self.path, &self.device, spec)
     }
 

@@ -30,6 +30,7 @@ fn factory() -> BaseModel {
     BaseModel {
         path: tiny(),
         device: Device::Cpu,
+        dtype: candle_core::DType::F32,
         tokenizer: Tokenizer::from_tokenizer_json(tiny().join("tokenizer.json")).unwrap(),
     }
 }
