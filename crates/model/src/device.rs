@@ -53,6 +53,30 @@ pub fn cuda(ordinal: usize) -> Result<Device, DeviceError> {
     }
 }
 
+/// The GPU a test runs on, by the policy every GPU test follows: when this machine has no
+/// driver or no GPU (CI), `None`, after printing `SKIPPED <test>: <why>`; with
+/// `RUPANTOR_REQUIRE_GPU=1` (a GPU session, the bundle) that is a failure instead, so a skip
+/// cannot pass silently. A GPU that is there but cannot be opened always fails.
+pub fn gpu_for_test(test: &str) -> Option<Device> {
+    let required = std::env::var("RUPANTOR_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    #[cfg(feature = "cuda")]
+    let absent = match rupantor_quant::cuda::cuda_device_count() {
+        Ok(0) => "no CUDA device is visible".to_string(),
+        Err(e @ rupantor_quant::cuda::CudaError::NoDriver) => e.to_string(),
+        Ok(_) => {
+            return Some(cuda(0).unwrap_or_else(|e| panic!("{test}: a GPU is present but {e}")))
+        }
+        Err(e) => panic!("{test}: {e}"),
+    };
+    #[cfg(not(feature = "cuda"))]
+    let absent = DeviceError::NotBuilt.to_string();
+    if required {
+        panic!("{test}: RUPANTOR_REQUIRE_GPU=1 but {absent}");
+    }
+    eprintln!("SKIPPED {test}: {absent} (RUPANTOR_REQUIRE_GPU=1 makes this a failure)");
+    None
+}
+
 /// Bytes of GPU memory in use at the high-water mark since the device was opened or since
 /// [`reset_peak_memory`]; `None` on the CPU.
 pub fn peak_memory(dev: &Device) -> Option<u64> {

@@ -28,17 +28,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rupantor_model::ops::attention_softmax::attention_probs;
 
-fn gpu(test: &str) -> Option<Device> {
-    let required = std::env::var("RUPANTOR_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    match rupantor_model::device::cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) if !required => {
-            eprintln!("SKIPPED {test}: {e} (RUPANTOR_REQUIRE_GPU=1 makes this a failure)");
-            None
-        }
-        Err(e) => panic!("{test}: RUPANTOR_REQUIRE_GPU=1 but {e}"),
-    }
-}
+use rupantor_model::device::gpu_for_test as gpu;
 
 /// gemma.rs's `MASKED`.
 const MASKED: f32 = f32::MIN;

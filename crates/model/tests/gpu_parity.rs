@@ -22,17 +22,7 @@ use rupantor_model::{
 };
 use rupantor_quant::Nf4Tensor;
 
-fn gpu(test: &str) -> Option<Device> {
-    let required = std::env::var("RUPANTOR_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    match rupantor_model::device::cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) if !required => {
-            eprintln!("SKIPPED {test}: {e} (RUPANTOR_REQUIRE_GPU=1 makes this a failure)");
-            None
-        }
-        Err(e) => panic!("{test}: RUPANTOR_REQUIRE_GPU=1 but {e}"),
-    }
-}
+use rupantor_model::device::gpu_for_test as gpu;
 
 const FIXTURES: [&str; 2] = ["gemma2", "gemma3"];
 

@@ -16,17 +16,7 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 use rupantor_model::ops::rms_norm::rms_norm;
 
-fn gpu(test: &str) -> Option<Device> {
-    let required = std::env::var("RUPANTOR_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    match rupantor_model::device::cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) if !required => {
-            eprintln!("SKIPPED {test}: {e} (RUPANTOR_REQUIRE_GPU=1 makes this a failure)");
-            None
-        }
-        Err(e) => panic!("{test}: RUPANTOR_REQUIRE_GPU=1 but {e}"),
-    }
-}
+use rupantor_model::device::gpu_for_test as gpu;
 
 const EPS: f64 = 1e-6;
 const HS: [usize; 5] = [64, 256, 777, 2304, 3584];

@@ -13,29 +13,13 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var};
-use rupantor_quant::cuda::{self, CudaError};
+use rupantor_quant::cuda;
 use rupantor_train::optim::{
     AdamW, AdamW8bit, AdamWConfig, Optimizer, PagedOptions, ParamRef, ParamSpec, StateDict,
     StateFormat, StateTensor,
 };
 
-fn gpu(test: &str) -> Option<Device> {
-    let required = std::env::var("RUPANTOR_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    match cuda::cuda_device_count() {
-        Ok(n) if n > 0 => Some(
-            rupantor_model::device::cuda(0)
-                .unwrap_or_else(|e| panic!("{test}: a GPU is present but {e}")),
-        ),
-        Ok(_) | Err(CudaError::NoDriver) if !required => {
-            eprintln!(
-                "SKIPPED {test}: no CUDA device (set RUPANTOR_REQUIRE_GPU=1 to make this a failure)"
-            );
-            None
-        }
-        Ok(_) => panic!("{test}: RUPANTOR_REQUIRE_GPU=1 but no CUDA device is visible"),
-        Err(e) => panic!("{test}: {e}"),
-    }
-}
+use rupantor_model::device::gpu_for_test as gpu;
 
 /// xorshift64*: reproducible inputs without a dependency.
 struct Rng(u64);

@@ -18,30 +18,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use rupantor_data::Problem;
 use rupantor_model::Tokenizer;
-use rupantor_quant::cuda::{self, CudaError};
 use rupantor_train::adapter::adapter_weights_bytes;
 use rupantor_train::{
     train, train_with_hooks, AdapterWeights, LoraModel, TrainConfig, TrainHooks,
     ADAPTER_WEIGHTS_FILE,
 };
 
-fn gpu(test: &str) -> Option<Device> {
-    let required = std::env::var("RUPANTOR_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    match cuda::cuda_device_count() {
-        Ok(n) if n > 0 => Some(
-            rupantor_model::device::cuda(0)
-                .unwrap_or_else(|e| panic!("{test}: a GPU is present but {e}")),
-        ),
-        Ok(_) | Err(CudaError::NoDriver) if !required => {
-            eprintln!(
-                "SKIPPED {test}: no CUDA device (set RUPANTOR_REQUIRE_GPU=1 to make this a failure)"
-            );
-            None
-        }
-        Ok(_) => panic!("{test}: RUPANTOR_REQUIRE_GPU=1 but no CUDA device is visible"),
-        Err(e) => panic!("{test}: {e}"),
-    }
-}
+use rupantor_model::device::gpu_for_test as gpu;
 
 /// The tiny Gemma-2 under the repository's `fixtures/`, or under `$RUPANTOR_FIXTURES` (a GPU
 /// bundle runs this binary away from the source tree).
